@@ -1,0 +1,1 @@
+"""Brain tumour segmentation service and its torch-free core."""

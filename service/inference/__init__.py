@@ -1,0 +1,1 @@
+"""Inference on exported ONNX models: tiling, model cards and the segmentation engine."""

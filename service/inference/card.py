@@ -1,0 +1,127 @@
+"""Model cards: everything inference needs to know about an exported model, validated at load time.
+
+A model is ``NAME.onnx`` with ``NAME.json`` beside it. The same fields (each JSON-encoded) are stored in
+the ONNX file's ``metadata_props``, except ``sha256``, which is the hash of the ONNX file itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from service.core.labels import MODALITIES, REGION_NAMES
+
+
+class OutputSpec(BaseModel):
+    """What the network's output channels mean."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation: Literal["sigmoid"] = "sigmoid"
+    channels: tuple[str, ...] = REGION_NAMES
+    threshold: float = 0.5
+
+    @field_validator("channels")
+    @classmethod
+    def _regions(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if tuple(v) != REGION_NAMES:
+            raise ValueError(f"output channels must be {list(REGION_NAMES)}, got {list(v)}")
+        return tuple(v)
+
+
+class NormalizationSpec(BaseModel):
+    """How raw scans become network input (implemented once in ``service.core.preprocess``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crop: Literal["nonzero-bbox"] = "nonzero-bbox"
+    intensity: Literal["zscore-nonzero"] = "zscore-nonzero"
+
+
+class ModelCard(BaseModel):
+    """SPEC section 3. Unknown fields are refused so that a typo does not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    architecture: Literal["unet", "resunet"]
+    spatial_dims: Literal[2, 3]
+    in_channels: int = 4
+    modalities: tuple[str, ...] = MODALITIES
+    patch_size: tuple[int, ...]
+    network: dict = Field(default_factory=dict, description="keyword arguments that rebuild the network")
+    output: OutputSpec = OutputSpec()
+    normalization: NormalizationSpec = NormalizationSpec()
+    opset: int
+    sha256: str | None = None
+    parameters: int
+    training: dict = Field(default_factory=dict)
+    validation: dict | None = None
+    created: str
+
+    @field_validator("modalities")
+    @classmethod
+    def _modalities(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if tuple(v) != MODALITIES:
+            raise ValueError(f"modalities must be {list(MODALITIES)} in that order, got {list(v)}")
+        return tuple(v)
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch(cls, v: tuple[int, ...], info) -> tuple[int, ...]:
+        if any(int(s) < 1 for s in v):
+            raise ValueError(f"patch_size must be positive, got {list(v)}")
+        return tuple(int(s) for s in v)
+
+    def model_post_init(self, __context) -> None:
+        if self.in_channels != len(self.modalities):
+            raise ValueError(f"in_channels {self.in_channels} does not match {len(self.modalities)} modalities")
+        if len(self.patch_size) != self.spatial_dims:
+            raise ValueError(f"patch_size {list(self.patch_size)} has not {self.spatial_dims} dimensions")
+
+    def to_metadata(self) -> dict[str, str]:
+        """The card as ONNX ``metadata_props`` (each value JSON-encoded, ``sha256`` left out)."""
+        data = self.model_dump(mode="json", exclude={"sha256"})
+        return {key: json.dumps(value) for key, value in data.items()}
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str]) -> "ModelCard":
+        """Inverse of :meth:`to_metadata`."""
+        return cls.model_validate({key: json.loads(value) for key, value in props.items() if key in cls.model_fields})
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def card_path(onnx_path: str | Path) -> Path:
+    """``models/NAME.onnx`` -> ``models/NAME.json``."""
+    return Path(onnx_path).with_suffix(".json")
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """Read and validate ``NAME.json``; a ``ValueError`` names the file and what is wrong."""
+    path = Path(path)
+    try:
+        return ModelCard.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: model card not found; every NAME.onnx needs NAME.json beside it") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid model card: {exc}") from None
+
+
+def write_card(card: ModelCard, path: str | Path) -> None:
+    """Write ``card`` as indented JSON, atomically (a temporary file renamed over the target)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(card.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)

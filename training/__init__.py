@@ -1,0 +1,1 @@
+"""Offline training package: data, networks, training, export and evaluation."""

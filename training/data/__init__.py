@@ -1,0 +1,1 @@
+"""Dataset readers, synthetic data, caching, sampling and augmentation."""
