@@ -1,0 +1,341 @@
+"""Find and load training cases from the on-disk layouts of BraTS 2020 and the MSD Task01_BrainTumour.
+
+Nothing is renamed on disk; the readers understand the layouts as they are distributed (SPEC section 1):
+
+- BraTS 2020: ``MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii``
+  (or ``.nii.gz``), including case 355 whose label is named ``W39_1998.09.19_Segm.nii``, and validation
+  folders (``BraTS20_Validation_NNN``) without a ``seg`` file. Extra files such as ``name_mapping.csv``
+  and ``survival_info.csv`` are ignored.
+- MSD Task01_BrainTumour: ``imagesTr/BRATS_NNN.nii.gz`` (4D, channels FLAIR, T1w, T1gd, T2w),
+  ``labelsTr/BRATS_NNN.nii.gz`` (1 edema, 2 non-enhancing tumour, 3 enhancing tumour, mapped to the BraTS
+  values on load) and ``imagesTs`` without labels. The macOS ``._*`` files of the official tarball are
+  ignored.
+
+Every error a user can hit is a :class:`DataError` of the form ``"CASE: problem (file)"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from service.core.labels import MODALITIES, LabelError, check_labels, msd_to_brats
+from service.core.nifti import Geometry, NiftiError, load_label, load_volume
+
+logger = logging.getLogger(__name__)
+
+AFFINE_ATOL = 1e-3
+"""Largest absolute difference allowed between the affines of one case's volumes (as the service)."""
+
+BRATS_CASE_RE = re.compile(r"^BraTS20_(Training|Validation|Testing)_\d+$")
+MSD_CASE_RE = re.compile(r"^(BRATS_\d+)\.nii(\.gz)?$")
+SEGM_QUIRK_RE = re.compile(r"^[^.].*Segm\.nii(\.gz)?$")
+"""Case 355 of BraTS 2020 ships its label as ``W39_1998.09.19_Segm.nii``."""
+
+_MAX_SEARCH_DEPTH = 3
+
+BRATS_EXPECTED = (
+    "MICCAI_BraTS2020_TrainingData/BraTS20_Training_NNN/BraTS20_Training_NNN_{flair,t1,t1ce,t2,seg}.nii[.gz]"
+)
+MSD_EXPECTED = "Task01_BrainTumour/imagesTr/BRATS_NNN.nii.gz with labelsTr/BRATS_NNN.nii.gz"
+
+
+class DataError(ValueError):
+    """A dataset folder or one of its cases cannot be read; the message names the case and the file."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One case on disk: four 3D modality files (BraTS) or one 4D file (MSD), and an optional label.
+
+    Attributes:
+        case_id: Folder or file stem, e.g. ``BraTS20_Training_001`` or ``BRATS_001``.
+        images: Modality name -> path, for the four entries of ``MODALITIES`` (BraTS layout), else ``None``.
+        image4d: Path of a 4D volume ``(X, Y, Z, 4)`` in ``MODALITIES`` order (MSD layout), else ``None``.
+        label: Path of the label volume, or ``None`` (validation and test cases).
+        label_format: ``"brats"`` (values 0, 1, 2, 4) or ``"msd"`` (0, 1, 2, 3, mapped on load).
+    """
+
+    case_id: str
+    images: dict[str, Path] | None = None
+    image4d: Path | None = None
+    label: Path | None = None
+    label_format: Literal["brats", "msd"] = "brats"
+
+    def __post_init__(self) -> None:
+        if (self.images is None) == (self.image4d is None):
+            raise ValueError(
+                f"{self.case_id}: give either images (four modality files) or image4d, not both or neither"
+            )
+        if self.images is not None and set(self.images) != set(MODALITIES):
+            raise ValueError(
+                f"{self.case_id}: images must have exactly the keys {list(MODALITIES)}, got {sorted(self.images)}"
+            )
+        if self.label_format not in ("brats", "msd"):
+            raise ValueError(f"{self.case_id}: label_format must be 'brats' or 'msd', got {self.label_format!r}")
+
+    @property
+    def files(self) -> list[Path]:
+        """Every source file of the case (images first, then the label if any)."""
+        paths = [self.images[m] for m in MODALITIES] if self.images is not None else [self.image4d]
+        return paths + ([self.label] if self.label is not None else [])
+
+
+def _check_root(root: Path | str) -> Path:
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"dataset folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"dataset path {root} is not a folder")
+    return root
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _find_dirs(root: Path, holds: Callable[[Path], bool]) -> list[Path]:
+    """Folders at ``root`` or up to ``_MAX_SEARCH_DEPTH`` levels below it for which ``holds`` is true.
+
+    The search stops descending at a folder that matches, so a dataset folder's own children are not
+    searched again.
+    """
+    found: list[Path] = []
+    frontier = [root]
+    for depth in range(_MAX_SEARCH_DEPTH + 1):
+        below: list[Path] = []
+        for folder in frontier:
+            if holds(folder):
+                found.append(folder)
+            elif depth < _MAX_SEARCH_DEPTH:
+                below.extend(_visible_dirs(folder))
+        frontier = below
+    return sorted(found)
+
+
+def _nifti_in(folder: Path, stem: str) -> Path | None:
+    """``folder/stem.nii`` or ``folder/stem.nii.gz``; ``None`` if neither; DataError if both."""
+    candidates = [folder / f"{stem}{ext}" for ext in (".nii", ".nii.gz")]
+    present = [p for p in candidates if p.is_file()]
+    if len(present) > 1:
+        raise DataError(f"{folder.name}: both {present[0].name} and {present[1].name} exist; keep one ({folder})")
+    return present[0] if present else None
+
+
+def _brats_case(folder: Path) -> Case:
+    case_id = folder.name
+    images: dict[str, Path] = {}
+    for modality in MODALITIES:
+        path = _nifti_in(folder, f"{case_id}_{modality}")
+        if path is None:
+            raise DataError(
+                f"{case_id}: missing {modality} volume ({folder / (case_id + '_' + modality + '.nii[.gz]')})"
+            )
+        images[modality] = path
+    label = _nifti_in(folder, f"{case_id}_seg")
+    if label is None:
+        quirks = sorted(
+            p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and SEGM_QUIRK_RE.match(p.name)
+        )
+        if len(quirks) > 1:
+            raise DataError(f"{case_id}: several candidate label files {[p.name for p in quirks]} ({folder})")
+        if quirks:
+            label = quirks[0]
+            logger.info("%s: using %s as the label (known BraTS 2020 naming quirk)", case_id, label.name)
+    return Case(case_id=case_id, images=images, label=label, label_format="brats")
+
+
+def _holds_brats_cases(folder: Path) -> bool:
+    return any(BRATS_CASE_RE.match(p.name) for p in _visible_dirs(folder))
+
+
+def find_brats2020_cases(root: Path | str) -> list[Case]:
+    """Find the BraTS 2020 cases under ``root``.
+
+    Args:
+        root: A ``MICCAI_BraTS2020_TrainingData`` or ``MICCAI_BraTS2020_ValidationData`` folder (any folder
+            holding ``BraTS20_{Training,Validation}_NNN`` case folders), or a parent of such folders up to
+            three levels above them. Every such folder found is read, so a parent holding both training
+            and validation data yields both; validation cases have ``label=None``.
+
+    Returns:
+        The cases, sorted by case id. Validation cases (no ``seg`` file) have ``label=None``.
+
+    Raises:
+        DataError: ``root`` is missing, holds no BraTS 2020 case folder, or a case lacks a modality.
+    """
+    root = _check_root(root)
+    cases: list[Case] = []
+    for folder in _find_dirs(root, _holds_brats_cases):
+        cases.extend(_brats_case(d) for d in _visible_dirs(folder) if BRATS_CASE_RE.match(d.name))
+    if not cases:
+        raise DataError(f"no BraTS 2020 case folders under {root}; expected {BRATS_EXPECTED}")
+    return _unique_sorted(cases, root)
+
+
+def _holds_msd(folder: Path) -> bool:
+    return (folder / "imagesTr").is_dir() or (folder / "imagesTs").is_dir()
+
+
+def _msd_images(folder: Path) -> list[tuple[str, Path]]:
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.iterdir()):
+        match = MSD_CASE_RE.match(p.name)  # "._BRATS_001.nii.gz" (macOS metadata) does not match
+        if match and p.is_file():
+            found.append((match.group(1), p))
+    return found
+
+
+def find_msd_cases(root: Path | str) -> list[Case]:
+    """Find the MSD Task01_BrainTumour cases under ``root``.
+
+    Args:
+        root: The ``Task01_BrainTumour`` folder (any folder with ``imagesTr`` or ``imagesTs``), or a parent
+            of it up to three levels above.
+
+    Returns:
+        The cases sorted by case id: ``imagesTr`` cases with their ``labelsTr`` file, ``imagesTs`` cases
+        with ``label=None``.
+
+    Raises:
+        DataError: nothing found, or an ``imagesTr`` case has no file in ``labelsTr``.
+    """
+    root = _check_root(root)
+    cases: list[Case] = []
+    for task in _find_dirs(root, _holds_msd):
+        for case_id, image in _msd_images(task / "imagesTr"):
+            label = _nifti_in(task / "labelsTr", case_id) if (task / "labelsTr").is_dir() else None
+            if label is None:
+                raise DataError(f"{case_id}: no label for {image.name} ({task / 'labelsTr' / image.name})")
+            cases.append(Case(case_id=case_id, image4d=image, label=label, label_format="msd"))
+        for case_id, image in _msd_images(task / "imagesTs"):
+            cases.append(Case(case_id=case_id, image4d=image, label=None, label_format="msd"))
+    if not cases:
+        raise DataError(f"no MSD cases under {root}; expected {MSD_EXPECTED}")
+    return _unique_sorted(cases, root)
+
+
+def _unique_sorted(cases: Iterable[Case], root: Path) -> list[Case]:
+    by_id: dict[str, Case] = {}
+    for case in cases:
+        if case.case_id in by_id:
+            raise DataError(
+                f"{case.case_id}: found twice under {root} ({by_id[case.case_id].files[0]} and {case.files[0]})"
+            )
+        by_id[case.case_id] = case
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def find_cases(root: Path | str) -> list[Case]:
+    """Find the cases under ``root``, detecting the layout (BraTS 2020 or MSD Task01_BrainTumour).
+
+    Raises:
+        DataError: ``root`` is empty or holds neither layout (the message says what was expected), or
+            holds both (they overlap in patients, so mixing them would leak cases between splits).
+    """
+    root = _check_root(root)
+    has_brats = bool(_find_dirs(root, _holds_brats_cases))
+    has_msd = bool(_find_dirs(root, _holds_msd))
+    if has_brats and has_msd:
+        raise DataError(
+            f"{root} holds both a BraTS 2020 and an MSD dataset; point at one of them "
+            "(they share patients, so mixing them would leak cases between training and validation)"
+        )
+    if has_brats:
+        return find_brats2020_cases(root)
+    if has_msd:
+        return find_msd_cases(root)
+    raise DataError(f"no dataset found under {root}; expected {BRATS_EXPECTED} or {MSD_EXPECTED}")
+
+
+def _same_grid(case_id: str, ref: Geometry, ref_path: Path, geom: Geometry, path: Path) -> None:
+    if tuple(geom.shape[:3]) != tuple(ref.shape[:3]):
+        raise DataError(
+            f"{case_id}: shape {tuple(geom.shape[:3])} differs from {tuple(ref.shape[:3])} of {ref_path.name} ({path})"
+        )
+    if not np.allclose(geom.affine, ref.affine, rtol=0.0, atol=AFFINE_ATOL):
+        diff = float(np.max(np.abs(np.asarray(geom.affine) - np.asarray(ref.affine))))
+        raise DataError(
+            f"{case_id}: affine differs from {ref_path.name}'s by up to {diff:.3g} (allowed {AFFINE_ATOL}) ({path})"
+        )
+
+
+def _read(case_id: str, path: Path, reader, **kwargs):
+    try:
+        return reader(path, **kwargs)
+    except NiftiError as exc:
+        raise DataError(f"{case_id}: {exc.reason} ({path})") from exc
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{case_id}: cannot read the file: {exc} ({path})") from exc
+
+
+def _msd_label(case_id: str, path: Path) -> tuple[np.ndarray, Geometry]:
+    raw, geom = _read(case_id, path, load_volume, ndim=3)
+    if not np.all(np.isfinite(raw)) or not np.array_equal(raw, np.round(raw)):
+        raise DataError(f"{case_id}: label holds non-integer values ({path})")
+    try:
+        check_labels(raw, (0, 1, 2, 3))
+        return msd_to_brats(raw), geom
+    except LabelError as exc:
+        raise DataError(f"{case_id}: MSD {exc} ({path})") from exc
+
+
+def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """Read one case into memory.
+
+    Args:
+        case: A case from :func:`find_cases` (or built by hand).
+
+    Returns:
+        ``(image, label, geometry)``: ``image`` float32 ``(4, X, Y, Z)`` in ``MODALITIES`` order; ``label``
+        uint8 ``(X, Y, Z)`` in BraTS 2020 values {0, 1, 2, 4} (MSD labels are mapped), or ``None`` when the
+        case has no label; the geometry of the first image file.
+
+    Raises:
+        DataError: ``"CASE: problem (file)"`` for an unreadable or corrupt file, a wrong number of
+            dimensions or channels, shapes or affines (beyond 1e-3) that differ between the volumes, or
+            label values outside the expected set.
+    """
+    cid = case.case_id
+    if case.images is not None:
+        volumes = []
+        ref_geom: Geometry | None = None
+        ref_path = case.images[MODALITIES[0]]
+        for modality in MODALITIES:
+            path = case.images[modality]
+            data, geom = _read(cid, path, load_volume, ndim=3)
+            if ref_geom is None:
+                ref_geom = geom
+            else:
+                _same_grid(cid, ref_geom, ref_path, geom, path)
+            volumes.append(np.asarray(data, dtype=np.float32))
+        image = np.stack(volumes)
+        del volumes
+    else:
+        ref_path = case.image4d
+        data, ref_geom = _read(cid, ref_path, load_volume, ndim=4)
+        if data.shape[-1] != len(MODALITIES):
+            raise DataError(
+                f"{cid}: 4D image has {data.shape[-1]} channels, expected {len(MODALITIES)} "
+                f"({', '.join(MODALITIES)}) ({ref_path})"
+            )
+        image = np.ascontiguousarray(np.moveaxis(np.asarray(data, dtype=np.float32), -1, 0))
+        del data
+
+    label = None
+    if case.label is not None:
+        if case.label_format == "msd":
+            label, geom = _msd_label(cid, case.label)
+        else:
+            label, geom = _read(cid, case.label, load_label)
+        _same_grid(cid, ref_geom, ref_path, geom, case.label)
+        label = np.asarray(label, dtype=np.uint8)
+    return image, label, ref_geom

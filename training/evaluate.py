@@ -1,0 +1,109 @@
+"""Evaluate exported ONNX models on labelled cases through the same engine that the service uses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from service.core.labels import REGION_NAMES
+from service.core.metrics import BRATS_HD95_SUBSTITUTE_MM, region_metrics
+from service.inference.engine import Engine, OnnxModel
+from training.data.readers import find_cases, load_case
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *, tta: bool = False,
+             overlap: float = 0.5, max_cases: int = 0, threads: int | None = None, progress: bool = True) -> dict:
+    """Segment every labelled case under ``data`` and score it against its ground truth.
+
+    Several model paths form an ensemble (averaged probabilities). Writes ``out/cases.csv`` (one row per
+    case) and ``out/summary.json`` (means per region; HD95 means both over the cases where it is defined
+    and, labelled as such, with the BraTS substitute of 373.13 mm where exactly one mask is empty).
+
+    Returns:
+        The summary dictionary written to ``summary.json``.
+    """
+    models = [OnnxModel(Path(p), intra_op_threads=threads) for p in model_paths]
+    engine = Engine(models, overlap=overlap)
+    cases = [case for case in find_cases(data) if case.label is not None]
+    if not cases:
+        raise ValueError(f"{data}: no labelled cases to evaluate; give a folder of cases with segmentations")
+    if max_cases:
+        cases = cases[:max_cases]
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for case in tqdm(cases, desc="evaluate", disable=not progress, dynamic_ncols=True):
+        image, label, geometry = load_case(case)
+        started = time.perf_counter()
+        result = engine.segment(image, tta=tta)
+        seconds = time.perf_counter() - started
+        metrics = region_metrics(result.labels, label, geometry.zooms)
+        row = {"case": case.case_id, "seconds": round(seconds, 3)}
+        row.update({f"dice_{r}": round(metrics["dice"][r], 5) for r in REGION_NAMES})
+        row.update({f"hd95_{r}": (None if metrics["hd95_mm"][r] is None else round(metrics["hd95_mm"][r], 3))
+                    for r in REGION_NAMES})
+        rows.append(row)
+
+    summary = summarize(rows)
+    summary.update({
+        "models": [{"name": m.name, "sha256": m.sha256[:12], "provider": m.provider} for m in models],
+        "data": str(data),
+        "tta": tta,
+        "overlap": overlap,
+        "runtime": f"onnxruntime {ort.__version__}",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    _write_csv(out / "cases.csv", rows)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "summary.json")
+    return summary
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Mean Dice and HD95 per region over per-case rows (``dice_WT``, ``hd95_WT``, ...)."""
+    dice = {r: float(np.mean([row[f"dice_{r}"] for row in rows])) for r in REGION_NAMES}
+    hd95, hd95_sub, undefined = {}, {}, {}
+    for r in REGION_NAMES:
+        values = [row[f"hd95_{r}"] for row in rows]
+        defined = [v for v in values if v is not None]
+        hd95[r] = float(np.mean(defined)) if defined else None
+        hd95_sub[r] = float(np.mean([BRATS_HD95_SUBSTITUTE_MM if v is None else v for v in values]))
+        undefined[r] = len(values) - len(defined)
+    return {
+        "cases": len(rows),
+        "dice": {r: round(v, 4) for r, v in dice.items()},
+        "hd95_mm": {r: (None if v is None else round(v, 2)) for r, v in hd95.items()},
+        "hd95_undefined_cases": undefined,
+        "hd95_mm_with_brats_substitute": {r: round(v, 2) for r, v in hd95_sub.items()},
+        "seconds_per_case": round(float(np.median([row["seconds"] for row in rows])), 2),
+    }
+
+
+def card_validation(summary: dict) -> dict:
+    """The part of a summary that goes into a model card's ``validation`` field."""
+    keys = ("cases", "dice", "hd95_mm", "hd95_undefined_cases", "hd95_mm_with_brats_substitute", "data", "tta",
+            "overlap", "runtime", "created")
+    result = {key: summary[key] for key in keys}
+    result["measured_with"] = "python -m training evaluate (ONNX Runtime, the service's engine)"
+    return result
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
