@@ -17,15 +17,17 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from service.core.labels import REGION_NAMES, labels_to_regions, regions_to_labels
+from service.core.labels import MODALITIES, REGION_NAMES, labels_to_regions, regions_to_labels
 from service.core.metrics import dice
-from service.inference.tiling import sliding_window
+from service.inference.card import OutputSpec
+from service.inference.engine import Engine
 from training.data.augment import Augmenter
 from training.data.cache import load_cached
 from training.data.sampler import PatchSampler
@@ -187,34 +189,32 @@ def _lr_factor(schedule: str, step: int, total: int) -> float:
 # --------------------------------------------------------------------------------------------- validation
 
 
-def torch_predictor(model: torch.nn.Module, runtime: Runtime):
-    """Wrap a network as the numpy predictor that the shared sliding window calls."""
+class TorchModel:
+    """A network in the shape of the service's ``OnnxModel``, so validation runs through the shared Engine."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, runtime: Runtime) -> None:
+        self.model, self.runtime = model, runtime
+        self.spatial_dims = config.spatial_dims
+        self.sha256 = ""
+        self.card = SimpleNamespace(name=config.architecture, in_channels=4, modalities=MODALITIES,
+                                    output=OutputSpec(), patch_size=tuple(config.patch_size))
 
     @torch.no_grad()
-    def predict(batch: np.ndarray) -> np.ndarray:
-        with runtime.autocast():
-            out = model(torch.from_numpy(batch).to(runtime.device))
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self.runtime.autocast():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(self.runtime.device))
         return out.float().cpu().numpy()
-
-    return predict
 
 
 def validate(model: torch.nn.Module, cases, config: TrainConfig, runtime: Runtime) -> dict[str, float]:
-    """Mean Dice per region over ``cases`` through the sliding window, as inference sees them."""
+    """Mean Dice per region over cached ``cases`` through the sliding window, as inference sees them."""
     model.eval()
-    predict = torch_predictor(model, runtime)
-    if config.spatial_dims == 3:
-        window = lambda image: sliding_window(image, predict, patch_size=config.patch_size, overlap=config.overlap)
-    else:
-        def window(image):  # 2D: axial slices as a batch of 2D images, each through the window
-            slices = [sliding_window(image[..., z], predict, patch_size=config.patch_size, overlap=config.overlap)
-                      for z in range(image.shape[-1])]
-            return np.stack(slices, axis=-1)
+    engine = Engine([TorchModel(model, config, runtime)], overlap=config.overlap)
     scores = {name: [] for name in REGION_NAMES}
     for case in cases:
-        logits = window(np.asarray(case.image, dtype=np.float32))
-        labels = regions_to_labels(1.0 / (1.0 + np.exp(-logits)))
-        pred, truth = labels_to_regions(labels), labels_to_regions(np.asarray(case.label))
+        probs = engine.probabilities(np.asarray(case.image, dtype=np.float32))
+        pred = labels_to_regions(regions_to_labels(probs))
+        truth = labels_to_regions(np.asarray(case.label))
         for i, name in enumerate(REGION_NAMES):
             scores[name].append(dice(pred[i], truth[i]))
     model.train()

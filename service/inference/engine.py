@@ -1,0 +1,407 @@
+"""ONNX Runtime models and the segmentation engine: preprocess, sliding window, sigmoid, ensemble and TTA.
+
+A model is ``NAME.onnx`` with its card ``NAME.json`` beside it (:mod:`service.inference.card`). Loading
+checks the card against the ONNX file (sha256, the card copy in its metadata, input rank and channels)
+so that a model is never served with the wrong assumptions.
+
+2D models are served by the same sliding window as 3D ones, over the volume with a patch
+``(px, py, 1)``: each tile is one axial slice (or an in-plane part of one), the depth axis of size 1 is
+dropped before the network and restored after. Tiles along the slice axis do not overlap (a patch of one
+voxel steps by one voxel), so ``batch_size`` tiles per call means ``batch_size`` slices per call whenever
+the slice fits in one patch; larger slices are tiled in-plane with the usual overlap and Gaussian blend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from service.core.labels import regions_to_labels
+from service.core.preprocess import preprocess, uncrop
+from service.inference.card import ModelCard, card_path, file_sha256, read_card
+from service.inference.tiling import sliding_window
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
+CUDNN_CONV_ALGO_SEARCH: tuple[str, ...] = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+# Card fields that change what inference does; these must agree between NAME.json and the ONNX metadata.
+INFERENCE_FIELDS: tuple[str, ...] = (
+    "architecture",
+    "spatial_dims",
+    "in_channels",
+    "modalities",
+    "patch_size",
+    "network",
+    "output",
+    "normalization",
+)
+
+
+def sigmoid(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Numerically stable logistic function: ``1 / (1 + e^-x)`` for ``x >= 0``, ``e^x / (1 + e^x)`` below.
+
+    Never overflows (only ``exp(-|x|)`` in ``(0, 1]`` is computed).
+
+    Args:
+        x: logits, any shape.
+        out: optional float32 array of the same shape to write into (may be ``x`` itself).
+
+    Returns:
+        float32 probabilities, ``out`` if given, else a new array.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    elif out.shape != x.shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {x.shape}, got {out.dtype} {out.shape}")
+    negative = x < 0
+    e = np.abs(x)
+    np.negative(e, out=e)
+    np.exp(e, out=e)  # e = exp(-|x|)
+    np.add(e, 1.0, out=out)  # x may be out: its sign is kept in `negative`
+    np.divide(e, out, out=e, where=negative)  # e^x / (1 + e^x) where x < 0
+    np.reciprocal(out, out=out)  # 1 / (1 + e^-x)
+    np.copyto(out, e, where=negative)
+    return out
+
+
+def provider_list(
+    wanted: Sequence[str], available: Sequence[str], *, cudnn_conv_algo_search: str = "EXHAUSTIVE"
+) -> list[str | tuple[str, dict[str, str]]]:
+    """ONNX Runtime ``providers`` argument: ``wanted`` in order, those not ``available`` left out.
+
+    CUDA gets its options: the cuDNN convolution algorithm search, and an arena that grows by what is
+    asked for (``kSameAsRequested``) rather than doubling, so that large 3D activations do not reserve
+    twice their size.
+    """
+    if cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
+        raise ValueError(
+            f"cudnn_conv_algo_search must be one of {list(CUDNN_CONV_ALGO_SEARCH)}, got {cudnn_conv_algo_search!r}"
+        )
+    providers: list[str | tuple[str, dict[str, str]]] = []
+    for name in wanted:
+        if name not in available:
+            continue
+        if name == "CUDAExecutionProvider":
+            options = {"cudnn_conv_algo_search": cudnn_conv_algo_search, "arena_extend_strategy": "kSameAsRequested"}
+            providers.append((name, options))
+        else:
+            providers.append(name)
+    return providers
+
+
+def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
+    """Session options set on purpose: all graph optimisations, sequential execution, optional thread count."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if intra_op_threads is not None:
+        if intra_op_threads < 1:
+            raise ValueError(
+                f"intra_op_threads must be at least 1 (or None for ONNX Runtime's default), got {intra_op_threads}"
+            )
+        options.intra_op_num_threads = int(intra_op_threads)
+    return options
+
+
+class OnnxModel:
+    """One exported network, its validated card and its ONNX Runtime session.
+
+    Args:
+        path: ``NAME.onnx``; its card ``NAME.json`` must lie beside it.
+        providers: execution providers in order of preference; default CUDA then CPU, whichever this
+            ONNX Runtime build has. Naming one that it lacks is an error.
+        intra_op_threads: threads per operator; ``None`` leaves ONNX Runtime's default (all cores).
+        cudnn_conv_algo_search: ``"EXHAUSTIVE"`` (benchmark once per input shape; the patch and batch
+            are fixed, so this is paid on the first call) or ``"HEURISTIC"`` (no benchmark), for CUDA.
+
+    Raises:
+        ValueError: naming the file, if the model or its card is missing or invalid, the card's sha256 or
+            its copy in the ONNX metadata disagree with the file, or the network's input or output does not
+            have the card's ``in_channels``, ``spatial_dims`` (and ``patch_size``, where the dims are fixed).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int | None = None,
+        cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
+    ) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"{self.path}: ONNX model not found")
+        self.card: ModelCard = read_card(card_path(self.path))
+        self.sha256 = file_sha256(self.path)
+        if self.card.sha256 is not None and self.card.sha256 != self.sha256:
+            raise ValueError(
+                f"{self.path}: sha256 {self.sha256[:12]} does not match {card_path(self.path).name} "
+                f"({self.card.sha256[:12]}); the file changed after export, export it again"
+            )
+        available = ort.get_available_providers()
+        if providers is None:
+            wanted = list(DEFAULT_PROVIDERS)
+        else:
+            wanted = list(providers)
+            missing = [p for p in wanted if p not in available]
+            if missing:
+                raise ValueError(f"execution providers {missing} are not available; this build has {available}")
+        chosen = provider_list(wanted, available, cudnn_conv_algo_search=cudnn_conv_algo_search)
+        if not chosen:
+            raise ValueError(f"none of the execution providers {wanted} is available; this build has {available}")
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=session_options(intra_op_threads), providers=chosen
+            )
+        except Exception as exc:  # ONNX Runtime raises its own types for corrupt or unsupported files
+            raise ValueError(f"{self.path}: ONNX Runtime cannot load the model: {exc}") from exc
+        self._check_metadata()
+        self._input, self._output = self._check_signature()
+        logger.info("loaded model %s (%s) on %s", self.name, self.sha256[:12], self.provider)
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the session really uses (ONNX Runtime may fall back to the CPU)."""
+        return self.session.get_providers()[0]
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.card.spatial_dims
+
+    def _check_metadata(self) -> None:
+        props = self.session.get_modelmeta().custom_metadata_map
+        if not any(key in ModelCard.model_fields for key in props):
+            logger.warning("%s: no model card in the ONNX metadata; trusting %s", self.path, card_path(self.path).name)
+            return
+        try:
+            embedded = ModelCard.from_metadata(props)
+        except ValueError as exc:
+            raise ValueError(f"{self.path}: invalid model card in the ONNX metadata: {exc}") from None
+        differ = [f for f in INFERENCE_FIELDS if getattr(embedded, f) != getattr(self.card, f)]
+        if differ:
+            raise ValueError(
+                f"{self.path}: {card_path(self.path).name} disagrees with the card in the ONNX metadata on {differ}"
+            )
+
+    def _check_signature(self) -> tuple[str, str]:
+        card = self.card
+        rank = 2 + card.spatial_dims
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1:
+            raise ValueError(f"{self.path}: expected one input, the network has {[i.name for i in inputs]}")
+        checks = [
+            ("input", inputs[0], card.in_channels, card.patch_size),
+            ("output", outputs[0], len(card.output.channels), card.patch_size),
+        ]
+        for what, arg, channels, patch in checks:
+            shape = list(arg.shape)
+            if arg.type != "tensor(float)":
+                raise ValueError(f"{self.path}: {what} {arg.name!r} must be float32, it is {arg.type}")
+            if len(shape) != rank:
+                raise ValueError(
+                    f"{self.path}: {what} {arg.name!r} has shape {shape}, but the card says spatial_dims "
+                    f"{card.spatial_dims}, i.e. (N, C, {', '.join('XYZ'[: card.spatial_dims])})"
+                )
+            if isinstance(shape[1], int) and shape[1] != channels:
+                raise ValueError(
+                    f"{self.path}: {what} {arg.name!r} has {shape[1]} channels, the card says {channels}"
+                )
+            fixed = [(s, p) for s, p in zip(shape[2:], patch) if isinstance(s, int)]
+            if any(s != p for s, p in fixed):
+                raise ValueError(
+                    f"{self.path}: {what} {arg.name!r} has fixed spatial size {shape[2:]}, "
+                    f"the card's patch_size is {list(patch)}"
+                )
+        return inputs[0].name, outputs[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a batch.
+
+        Args:
+            batch: ``(B, C, *patch)`` with ``C == card.in_channels`` and ``card.spatial_dims`` spatial axes.
+
+        Returns:
+            float32 logits ``(B, 3, *patch)`` (WT, TC, ET).
+        """
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.ndim != 2 + self.spatial_dims or batch.shape[1] != self.card.in_channels:
+            raise ValueError(
+                f"model {self.name} expects a batch (B, {self.card.in_channels}, "
+                f"{', '.join('XYZ'[: self.spatial_dims])}), got shape {batch.shape}"
+            )
+        (logits,) = self.session.run([self._output], {self._input: batch})
+        return logits
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.name!r}, {self.card.architecture}, {self.spatial_dims}D, {self.provider})"
+
+
+def load_models(
+    models_dir: str | Path,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
+) -> dict[str, OnnxModel]:
+    """Load every ``NAME.onnx`` in ``models_dir``, keyed by name, sorted.
+
+    Raises:
+        ValueError: the folder is missing or holds no ``.onnx`` file; a model lacks its ``NAME.json`` or
+            fails :class:`OnnxModel`'s checks; a card's ``name`` is not its file's ``NAME``.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ValueError(f"models folder {models_dir} does not exist or is not a folder")
+    paths = sorted(models_dir.glob("*.onnx"))
+    if not paths:
+        raise ValueError(f"models folder {models_dir} holds no NAME.onnx models")
+    models: dict[str, OnnxModel] = {}
+    for path in paths:
+        model = OnnxModel(
+            path, providers=providers, intra_op_threads=intra_op_threads, cudnn_conv_algo_search=cudnn_conv_algo_search
+        )
+        if model.name != path.stem:
+            raise ValueError(f"{card_path(path)}: card name {model.name!r} differs from the file name {path.stem!r}")
+        models[model.name] = model
+    return models
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """Result of :meth:`Engine.segment`.
+
+    Attributes:
+        labels: ``(X, Y, Z)`` uint8 BraTS labels {0, 1, 2, 4} on the input's full grid.
+        timings_ms: ``preprocess``, ``inference`` (networks, sigmoid, averaging) and ``postprocess``
+            (labels, uncrop) in milliseconds.
+        probabilities: ``(3, X, Y, Z)`` float32 WT, TC, ET probabilities on the full grid (0 outside the
+            brain box), when asked for.
+    """
+
+    labels: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
+
+
+FLIPS: tuple[tuple[int, ...], ...] = tuple(axes for n in range(4) for axes in combinations((0, 1, 2), n))
+"""The 8 mirrorings of a volume: every subset of the three spatial axes."""
+
+
+class Engine:
+    """Segments raw scans with one model or the average of several (an ensemble).
+
+    Args:
+        models: one or more models with the same input channels and output threshold.
+        overlap: sliding-window overlap, in ``[0, 1)``.
+        batch_size: tiles (3D) or slices (2D) per network call.
+    """
+
+    def __init__(self, models: Sequence[OnnxModel], *, overlap: float = 0.5, batch_size: int = 1) -> None:
+        self.models = tuple(models)
+        if not self.models:
+            raise ValueError("an Engine needs at least one model")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        first = self.models[0].card
+        for model in self.models[1:]:
+            card = model.card
+            if (card.in_channels, card.modalities) != (first.in_channels, first.modalities):
+                raise ValueError(f"models {first.name} and {card.name} expect different input channels")
+            if card.output != first.output:
+                raise ValueError(
+                    f"models {first.name} and {card.name} differ in their output ({card.output} vs {first.output})"
+                )
+        self.overlap = float(overlap)
+        self.batch_size = int(batch_size)
+        self.in_channels = first.in_channels
+        self.threshold = first.output.threshold
+
+    @property
+    def model_sha256(self) -> str:
+        """First 12 hex digits of each model's sha256, joined by ``+`` (SPEC, ``POST /segment``)."""
+        return "+".join(model.sha256[:12] for model in self.models)
+
+    def segment(self, image: np.ndarray, *, tta: bool = False, probabilities: bool = False) -> Segmentation:
+        """Segment one raw scan.
+
+        Args:
+            image: ``(C, X, Y, Z)`` raw intensities in MODALITIES order (not normalised; read, never written).
+            tta: also average over the 8 flip combinations of the three spatial axes.
+            probabilities: return the averaged probabilities too.
+
+        Returns:
+            :class:`Segmentation` with labels on the full grid, zero outside the brain box.
+        """
+        image = np.asarray(image)
+        if image.ndim != 4 or image.shape[0] != self.in_channels or min(image.shape) < 1:
+            raise ValueError(
+                f"expected an image ({self.in_channels}, X, Y, Z) with every axis at least 1, got shape {image.shape}"
+            )
+        start = time.perf_counter()
+        pre = preprocess(image)
+        after_pre = time.perf_counter()
+        probs = self.probabilities(pre.data, tta=tta)
+        after_inference = time.perf_counter()
+        labels = uncrop(regions_to_labels(probs, threshold=self.threshold), pre.bbox, pre.full_shape, fill=0)
+        full_probs = uncrop(probs, pre.bbox, pre.full_shape, fill=0) if probabilities else None
+        end = time.perf_counter()
+        timings = {
+            "preprocess": 1000 * (after_pre - start),
+            "inference": 1000 * (after_inference - after_pre),
+            "postprocess": 1000 * (end - after_inference),
+        }
+        return Segmentation(labels=labels.astype(np.uint8, copy=False), timings_ms=timings, probabilities=full_probs)
+
+    def probabilities(self, data: np.ndarray, *, tta: bool = False) -> np.ndarray:
+        """Averaged sigmoid probabilities ``(3, *spatial)`` float32 for preprocessed ``data (C, *spatial)``."""
+        flips = FLIPS if tta else ((),)
+        total = np.zeros((3, *data.shape[1:]), dtype=np.float32)
+        for model in self.models:
+            for axes in flips:
+                spatial_axes = tuple(a + 1 for a in axes)
+                view = np.flip(data, spatial_axes) if axes else data
+                logits = self._logits(model, view)
+                probs = sigmoid(logits, out=logits)  # in place: the logits are ours and not needed again
+                total += np.flip(probs, spatial_axes) if axes else probs
+                del logits, probs
+        total /= len(self.models) * len(flips)
+        return total
+
+    def _logits(self, model: OnnxModel, data: np.ndarray) -> np.ndarray:
+        if model.spatial_dims == 3:
+            return sliding_window(
+                data, model, patch_size=model.card.patch_size, overlap=self.overlap, batch_size=self.batch_size
+            )
+        return sliding_window(
+            data,
+            _SliceWise(model),
+            patch_size=(*model.card.patch_size, 1),
+            overlap=self.overlap,
+            batch_size=self.batch_size,
+        )
+
+
+class _SliceWise:
+    """Serves a 2D network tiles ``(B, C, px, py, 1)``: drops the depth axis before, restores it after."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.model(batch[..., 0])[..., None]
