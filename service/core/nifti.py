@@ -1,0 +1,521 @@
+"""NIfTI input and output that keeps a case's geometry and nothing else.
+
+Inputs are single-file NIfTI-1 or NIfTI-2 (``.nii`` or gzip-compressed ``.nii.gz``; gzip is recognised
+from its magic bytes ``1f 8b``, whatever the file is called). Everything a user can get wrong raises
+:class:`NiftiError`, whose ``reason`` says what to fix without the file name (the service must not echo
+upload names) and whose ``str`` names the file as well.
+
+Outputs carry only geometry: shape, affine, qform and sform with their codes, and voxel sizes. Free-text
+fields (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) stay empty and no header extension is
+written, since an input's free text can hold patient data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import secrets
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from service.core.labels import LabelError, check_labels
+
+__all__ = [
+    "NiftiError",
+    "VolumeTooLargeError",
+    "Geometry",
+    "read_header",
+    "load_volume",
+    "load_label",
+    "mask_image",
+    "mask_to_bytes",
+    "save_mask",
+    "save_image",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+NiftiHeader = Union[nib.Nifti1Header, nib.Nifti2Header]
+
+GZIP_MAGIC = b"\x1f\x8b"
+_NIFTI1_MAGIC = b"n+1\x00"
+_NIFTI1_PAIR_MAGIC = b"ni1\x00"
+_NIFTI2_MAGIC = b"n+2\x00\r\n\x1a\n"
+_NIFTI2_PAIR_MAGIC = b"ni2\x00\r\n\x1a\n"
+_NIFTI1_SIZE = 348
+_NIFTI2_SIZE = 540
+_CHUNK = 1 << 20
+_TRAILING_SLACK = 1 << 20  # bytes a file may hold past its declared voxel data
+_NIFTI1_MAX_DIM = 32767
+_FREE_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
+
+
+class NiftiError(ValueError):
+    """A file is not a usable NIfTI volume.
+
+    Attributes:
+        reason: What is wrong and what was expected, without the file name (safe to show to a user).
+        path: The file concerned, or ``None``.
+    """
+
+    def __init__(self, reason: str, *, path: PathLike | None = None) -> None:
+        self.reason = reason
+        self.path = None if path is None else os.fspath(path)
+        super().__init__(reason if path is None else f"{self.path}: {reason}")
+
+
+class VolumeTooLargeError(NiftiError):
+    """A volume's header declares more voxels than allowed (how a gzip bomb is refused before inflating)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a volume's voxels lie: everything of the header that an output must keep.
+
+    Attributes:
+        shape: Spatial shape ``(X, Y, Z)``.
+        affine: ``(4, 4)`` float64 voxel-to-world matrix (nibabel's best affine: sform, else qform).
+        zooms: Voxel sizes in mm ``(dx, dy, dz)``.
+        qform: ``(4, 4)`` float64 qform matrix, with its code ``qform_code``.
+        sform: ``(4, 4)`` float64 sform matrix, with its code ``sform_code``.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    zooms: tuple[float, float, float]
+    qform: np.ndarray
+    qform_code: int
+    sform: np.ndarray
+    sform_code: int
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in self.shape)
+        zooms = tuple(float(z) for z in self.zooms)
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(f"expected a spatial shape of 3 positive sizes, got {self.shape}")
+        if len(zooms) != 3:
+            raise ValueError(f"expected 3 voxel sizes, got {self.zooms}")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "zooms", zooms)
+        for name in ("affine", "qform", "sform"):
+            matrix = np.array(getattr(self, name), dtype=np.float64)
+            if matrix.shape != (4, 4):
+                raise ValueError(f"expected a 4x4 {name}, got shape {matrix.shape}")
+            matrix.setflags(write=False)
+            object.__setattr__(self, name, matrix)
+        object.__setattr__(self, "qform_code", int(self.qform_code))
+        object.__setattr__(self, "sform_code", int(self.sform_code))
+
+    @classmethod
+    def from_header(cls, header: NiftiHeader) -> Geometry:
+        """Geometry of the first three axes described by a NIfTI-1 or NIfTI-2 header."""
+        shape = tuple(header.get_data_shape())
+        if len(shape) < 3:
+            raise ValueError(f"expected a header of at least 3 dimensions, got shape {shape}")
+        qform, qform_code = header.get_qform(coded=True)
+        sform, sform_code = header.get_sform(coded=True)
+        return cls(
+            shape=shape[:3],
+            affine=header.get_best_affine(),
+            zooms=header.get_zooms()[:3],
+            qform=header.get_qform(),
+            qform_code=int(qform_code),
+            sform=header.get_sform(),
+            sform_code=int(sform_code),
+        )
+
+    @classmethod
+    def from_image(cls, img: nib.Nifti1Image) -> Geometry:
+        """Geometry of a nibabel NIfTI-1 or NIfTI-2 image (its first three axes)."""
+        return cls.from_header(img.header)
+
+    @classmethod
+    def from_affine(
+        cls, shape: tuple[int, int, int], affine: np.ndarray, *, qform_code: int = 1, sform_code: int = 1
+    ) -> Geometry:
+        """A geometry whose qform and sform are both ``affine`` (voxel sizes from its column norms).
+
+        Handy for synthetic data; ``affine`` should be a rotation times positive scales plus a translation.
+        """
+        affine = np.asarray(affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
+        return cls(shape, affine, zooms, affine, qform_code, affine, sform_code)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel sizes in mm (the header zooms)."""
+        return self.zooms
+
+    def allclose(self, other: Geometry, atol: float = 1e-3) -> bool:
+        """Whether ``other`` has the same shape and an affine equal element-wise within ``atol``."""
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, rtol=0.0, atol=atol))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Geometry):
+            return NotImplemented
+        return (
+            self.shape == other.shape
+            and self.zooms == other.zooms
+            and (self.qform_code, self.sform_code) == (other.qform_code, other.sform_code)
+            and all(np.array_equal(getattr(self, n), getattr(other, n)) for n in ("affine", "qform", "sform"))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _is_gzip(fileobj: io.BufferedIOBase) -> bool:
+    head = fileobj.read(2)
+    fileobj.seek(0)
+    return head == GZIP_MAGIC
+
+
+def _zlib_reason(err: zlib.error) -> str:
+    text = str(err)
+    if "incorrect data check" in text or "incorrect length check" in text:
+        return "the gzip data is corrupt (checksum mismatch); the file was damaged in transfer or on disk"
+    return f"the gzip data is corrupt ({text.split(': ', 1)[-1]})"
+
+
+def _inflate(fileobj: io.BufferedIOBase, limit: int, *, path: PathLike, whole: bool) -> bytes:
+    """Inflate a gzip stream (all members, checksums verified) into at most ``limit`` bytes.
+
+    With ``whole=False`` it stops as soon as ``limit`` bytes are out (checksums are then not reached); with
+    ``whole=True`` more than ``limit`` bytes is an error, and so is a stream that ends early.
+    """
+    out: list[bytes] = []
+    size = 0
+    decomp = zlib.decompressobj(wbits=31)  # gzip container: header, CRC-32 and length are checked
+    pending = b""
+    try:
+        while True:
+            if not pending:
+                pending = fileobj.read(_CHUNK)
+                if not pending:
+                    break
+            piece = decomp.decompress(pending, limit + 1 - size)
+            out.append(piece)
+            size += len(piece)
+            if size > limit:
+                if not whole:
+                    break
+                raise NiftiError(
+                    f"the gzip data inflates to more than its NIfTI header declares (over {limit} bytes)",
+                    path=path,
+                )
+            pending = decomp.unconsumed_tail
+            if decomp.eof:
+                rest = decomp.unused_data + pending
+                if not rest:
+                    rest = fileobj.read(_CHUNK)
+                if not rest:
+                    break
+                if rest[:2] == GZIP_MAGIC:  # another gzip member follows
+                    decomp = zlib.decompressobj(wbits=31)
+                    pending = rest
+                    continue
+                if rest.strip(b"\x00") or fileobj.read(_CHUNK).strip(b"\x00"):
+                    raise NiftiError("unexpected bytes after the end of the gzip data", path=path)
+                break
+    except zlib.error as err:
+        raise NiftiError(_zlib_reason(err), path=path) from err
+    data = b"".join(out)
+    if whole and not decomp.eof:
+        raise NiftiError("the gzip data is truncated (it ends before its end-of-stream marker)", path=path)
+    return data if whole else data[:limit]
+
+
+def _read_prefix(path: PathLike, nbytes: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            if _is_gzip(f):
+                return _inflate(f, nbytes, path=path, whole=False)
+            return f.read(nbytes)
+    except OSError as err:
+        raise NiftiError(f"cannot read the file ({err.strerror or err})", path=path) from err
+
+
+def _parse_header(raw: bytes, path: PathLike) -> NiftiHeader:
+    """Parse a single-file NIfTI-1/2 header from the first bytes of a file, without nibabel's fixes."""
+    if len(raw) < 4:
+        raise NiftiError("not a NIfTI file (it is empty or only a few bytes long)", path=path)
+    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    if _NIFTI2_SIZE in sizes:
+        klass, version, size = nib.Nifti2Header, "NIfTI-2", _NIFTI2_SIZE
+        magic, expected_magic, pair_magic = raw[4:12], _NIFTI2_MAGIC, _NIFTI2_PAIR_MAGIC
+    elif _NIFTI1_SIZE in sizes:
+        klass, version, size = nib.Nifti1Header, "NIfTI-1", _NIFTI1_SIZE
+        magic, expected_magic, pair_magic = raw[344:348], _NIFTI1_MAGIC, _NIFTI1_PAIR_MAGIC
+    else:
+        raise NiftiError("not a NIfTI file (no NIfTI-1 or NIfTI-2 header at its start)", path=path)
+    if len(raw) < size:
+        raise NiftiError(f"the file is truncated: it ends inside its {version} header", path=path)
+    if magic == pair_magic:
+        raise NiftiError(
+            f"this is the header of a {version} .hdr/.img pair; send a single-file .nii or .nii.gz", path=path
+        )
+    if magic != expected_magic:
+        raise NiftiError(f"not a NIfTI file (the {version} magic string is missing)", path=path)
+    try:
+        return klass.from_fileobj(io.BytesIO(raw[:size]), check=False)
+    except (HeaderDataError, ValueError) as err:
+        raise NiftiError(f"the {version} header cannot be read ({err})", path=path) from err
+
+
+def read_header(path: PathLike) -> NiftiHeader:
+    """Read only the header of a ``.nii`` or ``.nii.gz`` file (inflating at most its first 540 bytes).
+
+    Cheap whatever the file's size, so a service can refuse a volume from its declared shape before
+    inflating it. The header is returned as stored (nibabel's silent fixes are not applied) and without
+    its extensions.
+
+    Raises:
+        NiftiError: the file cannot be read or does not start with a single-file NIfTI-1/2 header.
+    """
+    return _parse_header(_read_prefix(path, _NIFTI2_SIZE), path)
+
+
+def _declared_shape(header: NiftiHeader, path: PathLike) -> tuple[int, ...]:
+    dim = np.asarray(header["dim"], dtype=np.int64)
+    if not 1 <= dim[0] <= 7:
+        raise NiftiError(f"the header's dim[0] is {int(dim[0])}; a NIfTI volume has 1 to 7 dimensions", path=path)
+    shape = tuple(int(d) for d in dim[1 : dim[0] + 1])
+    if min(shape) < 1:
+        raise NiftiError(f"the header declares shape {shape}; every axis needs at least one voxel", path=path)
+    return shape
+
+
+def _check_header(
+    header: NiftiHeader, path: PathLike, ndim: int | None, max_voxels: int | None
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Validate what the header alone can tell; return the (possibly squeezed) shape and voxel dtype."""
+    shape = _declared_shape(header, path)
+    try:
+        dtype = header.get_data_dtype()
+    except (HeaderDataError, KeyError, ValueError) as err:
+        raise NiftiError(f"unknown voxel data type code {int(header['datatype'])}", path=path) from err
+    if dtype.kind not in "biuf" or dtype.itemsize == 0:
+        raise NiftiError(f"unsupported voxel data type {dtype}; expected integer or real values", path=path)
+    wanted = shape
+    if ndim is not None and len(shape) > ndim and all(s == 1 for s in shape[ndim:]):
+        wanted = shape[:ndim]  # (X, Y, Z, 1) is a 3D volume
+    if ndim is not None and len(wanted) != ndim:
+        layout = "(X, Y, Z)" if ndim == 3 else "(X, Y, Z, C)" if ndim == 4 else f"{ndim} axes"
+        raise NiftiError(f"expected a {ndim}D volume {layout}, got a {len(shape)}D volume of shape {shape}", path=path)
+    if len(wanted) < 3:
+        raise NiftiError(f"expected at least a 3D volume, got shape {shape}", path=path)
+    zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise NiftiError(
+            f"voxel sizes (pixdim) {tuple(float(z) for z in zooms)} are invalid; "
+            "each must be a finite positive number of mm",
+            path=path,
+        )
+    nvox = int(np.prod(shape, dtype=np.int64))
+    if max_voxels is not None and nvox > max_voxels:
+        raise VolumeTooLargeError(
+            f"the header declares {nvox} voxels (shape {shape}), more than the limit of {max_voxels}", path=path
+        )
+    return wanted, dtype
+
+
+def _read_image(path: PathLike, ndim: int | None, max_voxels: int | None) -> tuple[np.ndarray, NiftiHeader]:
+    """Read and validate a volume; return its raw (scaled, unconverted) voxel array and nibabel header."""
+    if ndim is not None and ndim < 3:
+        raise ValueError(f"ndim must be None or at least 3, got {ndim}")
+    header = read_header(path)
+    shape, dtype = _check_header(header, path, ndim, max_voxels)
+    offset = int(header.get_data_offset())
+    expected = offset + int(np.prod(_declared_shape(header, path), dtype=np.int64)) * dtype.itemsize
+    try:
+        with open(path, "rb") as f:
+            if _is_gzip(f):
+                raw = _inflate(f, expected + _TRAILING_SLACK, path=path, whole=True)
+            else:
+                raw = f.read(expected + _TRAILING_SLACK)
+    except OSError as err:
+        raise NiftiError(f"cannot read the file ({err.strerror or err})", path=path) from err
+    if len(raw) < expected:
+        raise NiftiError(
+            f"the file is truncated: its header declares {expected} bytes up to the end of the voxel data, "
+            f"the file holds {len(raw)}",
+            path=path,
+        )
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    try:
+        img = klass.from_bytes(raw)
+        del raw
+        data = np.asanyarray(img.dataobj)
+    except (ImageFileError, HeaderDataError, ValueError, TypeError, OSError, EOFError) as err:
+        raise NiftiError(f"the NIfTI file cannot be decoded ({err})", path=path) from err
+    if not np.all(np.isfinite(img.affine)):
+        raise NiftiError("the header's affine (qform/sform) holds non-finite numbers", path=path)
+    return data.reshape(shape), img.header
+
+
+def _check_finite(data: np.ndarray, path: PathLike) -> None:
+    if data.dtype.kind == "f":
+        bad = data.size - int(np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise NiftiError(
+                f"{bad} voxel values are not finite (NaN or infinity); expected finite intensities", path=path
+            )
+
+
+def load_volume(
+    path: PathLike, *, ndim: int | None = 3, max_voxels: int | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """Read a ``.nii`` or ``.nii.gz`` (NIfTI-1 or NIfTI-2) volume as float32.
+
+    Args:
+        path: The file; gzip is recognised from its first bytes, not its name.
+        ndim: Number of axes expected (3 for ``(X, Y, Z)``, 4 for ``(X, Y, Z, C)``), trailing axes of size 1
+            beyond it dropped; ``None`` accepts 3 or more axes.
+        max_voxels: Refuse, from the header alone and before inflating, a volume declaring more voxels.
+
+    Returns:
+        ``(data, geometry)``: float32 array with the file's axis order (``(X, Y, Z)`` or ``(X, Y, Z, C)``,
+        scaled by ``scl_slope``/``scl_inter``), and the geometry of its first three axes.
+
+    Raises:
+        VolumeTooLargeError: more voxels than ``max_voxels``.
+        NiftiError: not a NIfTI file, corrupt or truncated gzip (checksums included), truncated data, wrong
+            number of axes, unsupported voxel type, zero/negative/non-finite voxel sizes, non-finite affine
+            or voxel values.
+    """
+    data, header = _read_image(path, ndim, max_voxels)
+    data = np.asarray(data, dtype=np.float32)
+    _check_finite(data, path)
+    return data, Geometry.from_header(header)
+
+
+def load_label(path: PathLike, *, max_voxels: int | None = None) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D BraTS 2020 label volume (values in {0, 1, 2, 4}) as uint8.
+
+    Float files are accepted when every value is a whole number.
+
+    Raises:
+        NiftiError: as :func:`load_volume`, and for values that are not whole numbers or not BraTS labels
+            (label 3 included).
+    """
+    data, header = _read_image(path, 3, max_voxels)
+    _check_finite(data, path)
+    if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
+        raise NiftiError("label values must be whole numbers; the file holds fractional values", path=path)
+    try:
+        check_labels(data)
+    except LabelError as err:
+        raise NiftiError(str(err), path=path) from err
+    return data.astype(np.uint8), Geometry.from_header(header)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def _fresh_header(geometry: Geometry, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
+    """A new header holding only the geometry (and shape/type): no free text, no extensions."""
+    big = max(shape) > _NIFTI1_MAX_DIM
+    header = nib.Nifti2Header() if big else nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_qform(geometry.qform, code=geometry.qform_code)
+    header.set_sform(geometry.sform, code=geometry.sform_code)
+    header.set_zooms(tuple(geometry.zooms) + (1.0,) * (len(shape) - 3))
+    header.set_xyzt_units(xyz="mm")
+    for field in _FREE_TEXT_FIELDS:
+        if field in header.keys():
+            header[field] = b""
+    return header
+
+
+def _image(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+    header = _fresh_header(geometry, data.shape, data.dtype)
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    return klass(data, header.get_best_affine(), header=header)
+
+
+def _check_spatial(shape: tuple[int, ...], geometry: Geometry, what: str) -> None:
+    if tuple(shape) != geometry.shape:
+        raise ValueError(f"{what} has spatial shape {tuple(shape)} but the geometry is {geometry.shape}")
+
+
+def mask_image(mask: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+    """A uint8 NIfTI image of ``mask`` ``(X, Y, Z)`` on ``geometry`` with a fresh, geometry-only header.
+
+    Raises:
+        ValueError: shape differs from the geometry, or values are not whole numbers in 0..255.
+    """
+    mask = np.asarray(mask)
+    _check_spatial(mask.shape, geometry, "mask")
+    if mask.dtype != np.uint8:
+        if mask.dtype.kind not in "biuf":
+            raise ValueError(f"expected a numeric or boolean mask, got dtype {mask.dtype}")
+        if mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask)):
+            raise ValueError("expected mask values that are whole numbers in 0..255, got fractional values")
+        if mask.dtype.kind != "b" and mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError(f"expected mask values in 0..255, got {mask.min()}..{mask.max()}")
+        mask = mask.astype(np.uint8)
+    return _image(np.array(mask, dtype=np.uint8), geometry)
+
+
+def mask_to_bytes(mask: np.ndarray, geometry: Geometry, *, compresslevel: int = 3) -> bytes:
+    """The mask as ``.nii.gz`` bytes (see :func:`mask_image`); the gzip header holds no name or time."""
+    return gzip.compress(mask_image(mask, geometry).to_bytes(), compresslevel=compresslevel, mtime=0)
+
+
+def _write_atomic(payload: bytes, path: PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _encode(img: nib.Nifti1Image, path: PathLike, compresslevel: int) -> bytes:
+    payload = img.to_bytes()
+    if os.fspath(path).endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)
+    return payload
+
+
+def save_mask(mask: np.ndarray, geometry: Geometry, path: PathLike, *, compresslevel: int = 3) -> None:
+    """Write the mask (see :func:`mask_image`) atomically; gzip-compressed when ``path`` ends in ``.gz``."""
+    _write_atomic(_encode(mask_image(mask, geometry), path, compresslevel), path)
+
+
+def save_image(
+    image: np.ndarray,
+    geometry: Geometry,
+    path: PathLike,
+    *,
+    dtype: np.dtype | type = np.float32,
+    compresslevel: int = 3,
+) -> None:
+    """Write a volume ``(X, Y, Z)`` or channel-first ``(C, X, Y, Z)`` (stored as ``(X, Y, Z, C)``) atomically.
+
+    Same header rules as :func:`mask_image`; voxels are stored as ``dtype`` (float32 by default).
+    """
+    image = np.asarray(image)
+    if image.ndim == 4:
+        _check_spatial(image.shape[1:], geometry, "image")
+        image = np.moveaxis(image, 0, -1)
+    elif image.ndim == 3:
+        _check_spatial(image.shape, geometry, "image")
+    else:
+        raise ValueError(f"expected an image (X, Y, Z) or (C, X, Y, Z), got shape {image.shape}")
+    data = np.array(image, dtype=dtype)
+    _write_atomic(_encode(_image(data, geometry), path, compresslevel), path)
