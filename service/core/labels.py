@@ -42,7 +42,7 @@ def check_labels(seg: np.ndarray, valid: tuple[int, ...] = VALID_LABELS) -> None
 
 
 def _remap(seg: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
-    check_labels(seg, tuple(mapping))
+    check_labels(seg, tuple(sorted(mapping)))
     lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
     for src, dst in mapping.items():
         lut[src] = dst
