@@ -305,14 +305,14 @@ def load_cached(cache_dir: Path | str, case_ids: Sequence[str] | None = None) ->
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        raise DataError(f"cache folder {cache_dir} does not exist; run preprocess_dataset first")
+        raise DataError(f"cache folder {cache_dir} does not exist; run `python -m training preprocess DATA CACHE` first")
     available: dict[str, tuple[Path, dict]] = {}
     for path in sorted(cache_dir.glob("*.json")):
         meta = None if path.name.startswith(".") else _read_record(path)
         if meta is not None:
             available[meta["case_id"]] = (path, meta)
     if not available:
-        raise DataError(f"no cached cases in {cache_dir}; run preprocess_dataset first")
+        raise DataError(f"no cached cases in {cache_dir}; run `python -m training preprocess DATA CACHE` first")
     if case_ids is None:
         wanted = sorted(available)
     else:
