@@ -51,7 +51,8 @@ def git_commit() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        type=str.upper, help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("synth", help="write synthetic BraTS-like cases (BraTS 2020 or MSD layout)")
@@ -68,30 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("cache", type=Path, help="cache folder to write")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
 
-    p = sub.add_parser("train", help="train a network on a preprocessed cache",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train", help="train a network on a preprocessed cache")
     p.add_argument("--cache", type=Path, required=True, help="folder written by `preprocess`")
     p.add_argument("--out", type=Path, required=True, help="run folder for checkpoints and log.csv")
-    p.add_argument("--arch", choices=("unet", "resunet"), default="unet", help="network")
-    p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3, help="2D (axial slices) or 3D")
-    p.add_argument("--channels", type=_ints, default=DEFAULTS_3D["channels"], help="widths per level")
+    p.add_argument("--arch", choices=("unet", "resunet"), default="unet", help="network (default unet)")
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3), default=3, help="2D (axial slices) or 3D (default 3)")
+    p.add_argument("--channels", type=_ints, default=DEFAULTS_3D["channels"],
+                   help="widths per level (default 16,32,64,128,256)")
     p.add_argument("--patch-size", type=_ints, default=None, help="patch size (default 128,128,128; 2D: 192,192)")
-    p.add_argument("--batch-size", type=int, default=2, help="patches per step (per process)")
-    p.add_argument("--epochs", type=int, default=300, help="epochs")
-    p.add_argument("--iterations", type=int, default=250, help="steps per epoch")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--schedule", choices=("poly", "cosine"), default="poly", help="learning-rate schedule")
+    p.add_argument("--batch-size", type=int, default=2, help="patches per step, per process (default 2)")
+    p.add_argument("--epochs", type=int, default=300, help="epochs (default 300)")
+    p.add_argument("--iterations", type=int, default=250, help="steps per epoch (default 250)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="AdamW weight decay (default 1e-5)")
+    p.add_argument("--schedule", choices=("poly", "cosine"), default="poly", help="learning-rate schedule (default poly)")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
-                   help="mixed precision (auto: bf16 on CUDA and on CPUs with AMX, else off)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation")
-    p.add_argument("--val-interval", type=int, default=10, help="validate every N epochs (and after the last)")
-    p.add_argument("--val-max-cases", type=int, default=0, help="validate on at most N held-out cases (0: all)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation")
+                   help="mixed precision (default auto: bf16 on GPUs that have it, else fp16; bf16 on CPUs with "
+                        "AMX, else off); fp16 only on CUDA")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of cases held out for validation (default 0.2)")
+    p.add_argument("--val-interval", type=int, default=10, help="validate every N epochs and after the last (default 10)")
+    p.add_argument("--val-max-cases", type=int, default=0, help="validate on at most N held-out cases (default 0: all)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in validation (default 0.5)")
     p.add_argument("--no-augment", action="store_true", help="turn data augmentation off")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoint_last.pt")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after N epochs of this call, for time-limited jobs; continue with --resume")
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX with its model card")
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint_best.pt or checkpoint_last.pt")
@@ -116,21 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = "python -m training " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args, command)
     except KeyboardInterrupt:
         print("interrupted; completed outputs are kept, partial ones were not written", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:  # RuntimeError: export parity, DDP
         message = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         print(f"error: {message}", file=sys.stderr)
         return 2
 
 
 def _synth(args, command: str) -> int:
-    from training.data.provenance import mark_synthetic
     from training.data.synthetic import generate_dataset
 
     if args.cases < 1:
@@ -139,8 +143,6 @@ def _synth(args, command: str) -> int:
         raise ValueError(f"--size needs three values X,Y,Z, got {list(args.size)}")
     paths = generate_dataset(args.out, args.cases, seed=args.seed, layout=args.layout, size=args.size,
                              spacing=args.spacing, start_index=args.start_index, progress=True)
-    mark_synthetic(args.out, seed=args.seed, cases=args.cases, start_index=args.start_index,
-                   size=list(args.size), spacing=list(args.spacing), layout=args.layout)
     print(f"wrote {len(paths)} synthetic cases under {args.out}")
     return 0
 
@@ -169,18 +171,16 @@ def _train(args, command: str) -> int:
         iterations=args.iterations, lr=args.lr, schedule=args.schedule, amp=args.amp,
         val_fraction=args.val_fraction, val_interval=args.val_interval, val_max_cases=args.val_max_cases,
         overlap=args.overlap, augment=not args.no_augment, workers=args.workers, seed=args.seed,
-        device=args.device, synthetic=synthetic,
+        device=args.device, synthetic=synthetic, weight_decay=args.weight_decay, git_commit=git_commit(),
         data_description=("synthetic BraTS-like cases (python -m training synth)" if synthetic
                           else f"cases preprocessed in {args.cache}"),
     )
-    out = train(config, resume=args.resume, command=command)
+    out = train(config, resume=args.resume, command=command, stop_after=args.stop_after)
     print(f"checkpoints and log.csv in {out}")
     return 0
 
 
 def _export(args, command: str) -> int:
-    import torch
-
     from training.export import card_for, export_onnx
     from training.networks import build_network, count_parameters
     from training.train import load_checkpoint
@@ -199,8 +199,9 @@ def _export(args, command: str) -> int:
         "world_size": state.get("world_size", 1),
         "best_validation_dice_mean": round(float(state["best_dice"]), 4),
         "command": state["command"],
-        "git_commit": git_commit(),
+        "git_commit": config.get("git_commit") or "unknown",
         "export_command": command,
+        "export_git_commit": git_commit(),
     }
     if config["synthetic"]:
         training["note"] = ("Trained only on synthetic BraTS-like data generated by this project. "
@@ -210,7 +211,6 @@ def _export(args, command: str) -> int:
     args.models_dir.mkdir(parents=True, exist_ok=True)
     card = export_onnx(model, args.models_dir / f"{args.name}.onnx", card=card, opset=args.opset)
     print(f"wrote {args.models_dir / (args.name + '.onnx')} (sha256 {card.sha256[:12]}) and its card")
-    del torch
     return 0
 
 
@@ -218,6 +218,8 @@ def _evaluate(args, command: str) -> int:
     from training.evaluate import card_validation, evaluate
     from training.export import update_card
 
+    if args.max_cases < 0:
+        raise ValueError(f"--max-cases must be 0 or more, got {args.max_cases}")
     if args.update_card and len(args.model) != 1:
         raise ValueError("--update-card takes exactly one --model (an ensemble has no card of its own)")
     summary = evaluate(args.model, args.data, args.out, tta=args.tta, overlap=args.overlap,

@@ -58,7 +58,7 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
     summary = summarize(rows)
     summary.update({
         "models": [{"name": m.name, "sha256": m.sha256[:12], "provider": m.provider} for m in models],
-        "data": str(data),
+        "data": str(data) if not Path(data).is_absolute() else Path(data).name,  # no local paths in cards
         "tta": tta,
         "overlap": overlap,
         "runtime": f"onnxruntime {ort.__version__}",

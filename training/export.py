@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
@@ -22,6 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from service.core.files import atomic_path
 from service.inference.card import ModelCard, card_path, file_sha256, write_card
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,7 @@ MIN_OPSET = 17
 
 
 class ExportError(RuntimeError):
-    """The exported graph does not reproduce the PyTorch model."""
+    """The exported graph does not reproduce the PyTorch model; the message says what to check next."""
 
 
 def card_for(
@@ -121,7 +120,7 @@ def export_onnx(
     shape = _parity_shape(model, card, check_shape)
     input_shape = (1, card.in_channels, *card.patch_size)
 
-    with _temporary_beside(path) as tmp, _eval_mode(model):
+    with atomic_path(path) as tmp, _eval_mode(model):  # renamed over ``path`` only if everything succeeds
         _torch_export(model, torch.zeros(input_shape), tmp, opset, card.spatial_dims)
         proto = onnx.load(str(tmp))
         onnx.checker.check_model(proto)
@@ -130,11 +129,13 @@ def export_onnx(
         diff = _parity(model, tmp, (2, card.in_channels, *shape))
         if not diff <= atol:  # also catches NaN
             raise ExportError(
-                f"ONNX Runtime and PyTorch differ by {diff:.3g} (> atol {atol:g}) on a batch of 2 of size {shape}"
+                f"the ONNX graph differs from PyTorch by {diff:.3g} (> atol {atol:g}) on a batch of 2 of size "
+                f"{shape}; check the network for operations that behave differently in eval mode or when traced "
+                "(Python control flow on tensor values, state changed inside forward), or report it with the "
+                "model's config; nothing was written"
             )
         log.info("exported %s: ONNX Runtime vs PyTorch max abs logit difference %.3g on %s", path, diff, shape)
         card = card.model_copy(update={"sha256": file_sha256(tmp)})
-        tmp.replace(path)
     write_card(card, card_path(path))
     return card
 
@@ -153,13 +154,16 @@ def update_card(onnx_path: str | Path, **fields) -> ModelCard:
     try:
         card = ModelCard.from_metadata(props)
     except ValueError as exc:
-        raise ValueError(f"{onnx_path}: no valid model card in the ONNX metadata: {exc}") from None
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"{onnx_path}: no valid model card in the ONNX metadata ({detail}), so export_onnx did not write it; "
+            "export the checkpoint again with `python -m training export`"
+        ) from None
     card = ModelCard.model_validate({**card.model_dump(), **fields, "sha256": None})
-    with _temporary_beside(onnx_path) as tmp:
+    with atomic_path(onnx_path) as tmp:
         _set_metadata(proto, card)
         onnx.save(proto, str(tmp))
         card = card.model_copy(update={"sha256": file_sha256(tmp)})
-        tmp.replace(onnx_path)
     write_card(card, card_path(onnx_path))
     return card
 
@@ -229,20 +233,12 @@ def _parity(model: nn.Module, onnx_file: Path, shape: tuple[int, ...]) -> float:
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     (got,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})
     if got.shape != expected.shape:
-        raise ExportError(f"ONNX Runtime returned shape {got.shape}, PyTorch {expected.shape}")
+        raise ExportError(
+            f"ONNX Runtime returned logits of shape {got.shape}, PyTorch {expected.shape}, for input {tuple(shape)}: "
+            "tracing froze a size that should follow the input; check the network's forward for sizes computed "
+            "in Python from the input, or report it with the model's config; nothing was written"
+        )
     return float(np.max(np.abs(got - expected)))
-
-
-@contextlib.contextmanager
-def _temporary_beside(path: Path) -> Iterator[Path]:
-    """A temporary file name in ``path``'s folder (so the final rename is atomic), removed on failure."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

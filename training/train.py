@@ -15,7 +15,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,7 +69,7 @@ class TrainConfig:
     device: str = "auto"
     data_description: str = ""
     synthetic: bool = False
-    extra: dict = field(default_factory=dict)
+    git_commit: str = ""
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
@@ -82,9 +83,18 @@ class TrainConfig:
             raise ValueError(f"--amp must be auto, bf16, fp16 or off, got {self.amp!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"--overlap must be in [0, 1), got {self.overlap}")
         for name in ("batch_size", "epochs", "iterations", "val_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_max_cases", "workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        divisor = 2 ** (len(self.channels) - 1)
+        if any(p % divisor for p in self.patch_size):
+            raise ValueError(f"--patch-size {list(self.patch_size)} must be a multiple of {divisor} on every axis "
+                             f"for {len(self.channels)} levels (--channels)")
 
     @property
     def network_kwargs(self) -> dict:
@@ -121,11 +131,14 @@ def _init_runtime(config: TrainConfig) -> Runtime:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None:  # one GPU per process under torchrun
+            device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Rank 0 validates while the others wait at a barrier: allow for a long validation.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     return Runtime(device=device, rank=rank, world_size=world_size, amp_dtype=_amp_dtype(config.amp, device))
 
 
@@ -134,6 +147,8 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off":
         return None
     if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--amp fp16 needs a CUDA device; on a CPU use --amp bf16 or off")
         return torch.float16
     if amp == "bf16":
         return torch.bfloat16
@@ -209,7 +224,7 @@ class TorchModel:
 def validate(model: torch.nn.Module, cases, config: TrainConfig, runtime: Runtime) -> dict[str, float]:
     """Mean Dice per region over cached ``cases`` through the sliding window, as inference sees them."""
     model.eval()
-    engine = Engine([TorchModel(model, config, runtime)], overlap=config.overlap)
+    engine = Engine([TorchModel(model, config, runtime)], overlap=config.overlap, batch_size=2)
     scores = {name: [] for name in REGION_NAMES}
     for case in cases:
         probs = engine.probabilities(np.asarray(case.image, dtype=np.float32))
@@ -224,18 +239,28 @@ def validate(model: torch.nn.Module, cases, config: TrainConfig, runtime: Runtim
 # --------------------------------------------------------------------------------------------- the loop
 
 
-def train(config: TrainConfig, *, resume: bool = False, command: str = "") -> Path:
-    """Train a network; returns the run folder holding checkpoints and ``log.csv``."""
+def train(config: TrainConfig, *, resume: bool = False, command: str = "", stop_after: int | None = None) -> Path:
+    """Train a network; returns the run folder holding checkpoints and ``log.csv``.
+
+    Args:
+        config: the run's settings.
+        resume: continue the run in ``config.out`` from its last checkpoint.
+        command: the command line, recorded in checkpoints and so in the model card.
+        stop_after: stop after this many epochs of this call (for time-limited jobs; ``resume`` continues).
+    """
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after must be at least 1, got {stop_after}")
     runtime = _init_runtime(config)
     out = Path(config.out)
     try:
-        return _train(config, runtime, out, resume=resume, command=command)
+        return _train(config, runtime, out, resume=resume, command=command, stop_after=stop_after)
     finally:
         if runtime.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, command: str) -> Path:
+def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, command: str,
+           stop_after: int | None) -> Path:
     _seed_everything(config.seed)
     cases = load_cached(config.cache)
     if not cases:
@@ -244,9 +269,17 @@ def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, co
     labelled = [cid for cid, case in by_id.items() if case.label is not None]
     if not labelled:
         raise ValueError(f"{config.cache}: no case has a label; training needs labelled cases")
-    train_ids, val_ids = split_cases(labelled, config.val_fraction, config.seed)
-    if config.val_max_cases:
-        val_ids = val_ids[: config.val_max_cases]
+    if resume and (out / "split.json").is_file():  # the split a run started with stays its split
+        split = json.loads((out / "split.json").read_text())
+        train_ids, val_ids = split["train"], split["validation"]
+        missing = sorted(set(train_ids + val_ids) - set(labelled))
+        if missing:
+            raise ValueError(f"{config.cache} lacks cases this run was trained on ({', '.join(missing[:5])}); "
+                             "resume with the cache the run started with")
+    else:
+        train_ids, val_ids = split_cases(labelled, config.val_fraction, config.seed)
+        if config.val_max_cases:
+            val_ids = val_ids[: config.val_max_cases]
     train_cases = [by_id[i] for i in train_ids]
     val_cases = [by_id[i] for i in val_ids]
 
@@ -259,9 +292,10 @@ def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, co
     start_epoch, best = 0, -1.0
     if resume:
         state = load_checkpoint(out / CHECKPOINT_LAST, map_location=runtime.device)
-        if state["config"]["architecture"] != config.architecture or list(state["config"]["channels"]) != list(config.channels):
-            raise ValueError(f"{out / CHECKPOINT_LAST}: was trained as {state['config']['architecture']} "
-                             f"{state['config']['channels']}; resume with the same --arch and --channels")
+        changed = config_changes(state["config"], config)
+        if changed:
+            raise ValueError(f"{out / CHECKPOINT_LAST} was trained with other settings ({'; '.join(changed)}); "
+                             "resume with the options the run started with")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -269,7 +303,7 @@ def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, co
         start_epoch, best = state["epoch"], state["best_dice"]
         if start_epoch >= config.epochs:
             log.info("run already finished %d epochs", start_epoch)
-    elif runtime.is_main and (out / CHECKPOINT_LAST).exists():
+    elif (out / CHECKPOINT_LAST).exists():
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
 
     net = model
@@ -285,7 +319,8 @@ def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, co
     log_path = out / "log.csv"
     fields = ["epoch", "train_loss", "lr", "seconds"] + [f"val_dice_{n}" for n in REGION_NAMES]
 
-    for epoch in range(start_epoch, config.epochs):
+    last_epoch = config.epochs if stop_after is None else min(config.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, last_epoch):
         started = time.perf_counter()
         stream = _PatchStream(train_cases, config, seed=(config.seed * 1000 + epoch) * 64 + runtime.rank)
         loader = torch.utils.data.DataLoader(stream, batch_size=config.batch_size, num_workers=config.workers,
@@ -301,15 +336,16 @@ def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, co
             with runtime.autocast():
                 logits = net(image)
             loss = dice_bce_loss(logits, target)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: the loss became {loss.item()}; lower --lr or use --amp off")
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"epoch {epoch + 1}: the loss became {value}; lower --lr or use --amp off")
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            losses.append(loss.item())
+            losses.append(value)
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         del batches, loader
 
@@ -332,9 +368,26 @@ def _train(config: TrainConfig, runtime: Runtime, out: Path, *, resume: bool, co
 
     if runtime.world_size > 1:
         _check_ranks_agree(model)
-    if runtime.is_main and not (out / CHECKPOINT_BEST).exists():  # no validation cases: the last is the best
+    if runtime.is_main and last_epoch == config.epochs and not (out / CHECKPOINT_BEST).exists():  # no validation cases: the last is the best
         (out / CHECKPOINT_BEST).write_bytes((out / CHECKPOINT_LAST).read_bytes())
     return out
+
+
+# Settings that may differ when a run is resumed: where things are, how fast, and how long.
+RESUMABLE_CHANGES = {"cache", "out", "device", "workers", "val_interval", "git_commit", "epochs"}
+
+
+def config_changes(saved: dict, config: TrainConfig) -> list[str]:
+    """The settings (other than :data:`RESUMABLE_CHANGES`) that differ between a checkpoint and ``config``."""
+    current = asdict(config)
+    changes = []
+    for key, value in current.items():
+        old = saved.get(key)
+        if key in RESUMABLE_CHANGES:
+            continue
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(value) if isinstance(value, (list, tuple)) else value):
+            changes.append(f"{key} {old} -> {value}")
+    return changes
 
 
 def _check_ranks_agree(model: torch.nn.Module) -> None:
@@ -382,7 +435,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if not path.is_file():
         raise ValueError(f"{path}: no checkpoint there; train first or point to checkpoint_last.pt/checkpoint_best.pt")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise ValueError(f"{path}: not a readable checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(state, dict) or "network" not in state or "model" not in state:

@@ -14,6 +14,8 @@ MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
 
 LABELS: dict[int, str] = {0: "background", 1: "NCR/NET", 2: "ED", 4: "ET"}
 VALID_LABELS: tuple[int, ...] = tuple(LABELS)
+TUMOUR_LABELS: tuple[int, ...] = (1, 2, 4)
+"""The labels other than background: NCR/NET, ED, ET."""
 
 REGIONS: dict[str, tuple[int, ...]] = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
 """Evaluation regions as label tuples, in network output channel order."""

@@ -17,7 +17,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from service.core.labels import REGIONS
+from service.core.labels import REGIONS, TUMOUR_LABELS
+from service.core.preprocess import mask_bbox
 
 __all__ = ["BRATS_HD95_SUBSTITUTE_MM", "dice", "hd95", "region_metrics", "volumes_ml"]
 
@@ -48,22 +49,13 @@ def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return 2.0 * int(np.count_nonzero(pred & gt)) / (n_pred + n_gt)
 
 
-def _crop_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(mask, axis=others))
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
-
-
 def _surface_points(mask: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
     """Coordinates in mm ``(N, ndim)`` of the voxels of ``mask`` that one erosion removes.
 
     The erosion runs on the mask's own bounding box plus one voxel, which gives the same surface as on the
     whole array (outside the array counts as background) at a fraction of the cost.
     """
-    box = _crop_box(mask)
+    box = mask_bbox(mask, margin=1)
     sub = mask[box]
     surface = sub & ~ndimage.binary_erosion(sub)
     return (np.argwhere(surface) + [s.start for s in box]) * np.asarray(spacing)
@@ -126,7 +118,7 @@ def volumes_ml(labels: np.ndarray, spacing: Sequence[float]) -> dict[str, float]
     """
     labels = np.asarray(labels)
     voxel_ml = float(np.prod(_spacing(spacing, labels.ndim))) / 1000.0
-    counts = {value: int(np.count_nonzero(labels == value)) for value in (1, 2, 4)}
+    counts = {value: int(np.count_nonzero(labels == value)) for value in TUMOUR_LABELS}
     volumes = {name: sum(counts[v] for v in values) * voxel_ml for name, values in REGIONS.items()}
     volumes["NCR"] = counts[1] * voxel_ml
     volumes["ED"] = counts[2] * voxel_ml

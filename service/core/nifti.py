@@ -15,10 +15,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import secrets
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Union
 
 import nibabel as nib
@@ -26,7 +24,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from service.core.labels import LabelError, check_labels
+from service.core.files import atomic_write
+from service.core.labels import VALID_LABELS, LabelError, check_labels
 
 __all__ = [
     "NiftiError",
@@ -147,11 +146,6 @@ class Geometry:
         affine = np.asarray(affine, dtype=np.float64)
         zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         return cls(shape, affine, zooms, affine, qform_code, affine, sform_code)
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel sizes in mm (the header zooms)."""
-        return self.zooms
 
     def allclose(self, other: Geometry, atol: float = 1e-3) -> bool:
         """Whether ``other`` has the same shape and an affine equal element-wise within ``atol``."""
@@ -398,21 +392,29 @@ def load_volume(
     return data, Geometry.from_header(header)
 
 
-def load_label(path: PathLike, *, max_voxels: int | None = None) -> tuple[np.ndarray, Geometry]:
-    """Read a 3D BraTS 2020 label volume (values in {0, 1, 2, 4}) as uint8.
+def load_label(
+    path: PathLike, *, valid: tuple[int, ...] = VALID_LABELS, max_voxels: int | None = None
+) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D label volume as uint8, its values as stored (no remapping).
 
     Float files are accepted when every value is a whole number.
 
+    Args:
+        path: The file, as for :func:`load_volume`.
+        valid: The values allowed; BraTS 2020 labels {0, 1, 2, 4} by default. An MSD Task01 label passes
+            ``(0, 1, 2, 3)`` and maps the result with :func:`service.core.labels.msd_to_brats`.
+        max_voxels: As for :func:`load_volume`.
+
     Raises:
-        NiftiError: as :func:`load_volume`, and for values that are not whole numbers or not BraTS labels
-            (label 3 included).
+        NiftiError: as :func:`load_volume`, and for values that are not whole numbers or not in ``valid``
+            (with the default, label 3 included).
     """
     data, header = _read_image(path, 3, max_voxels)
     _check_finite(data, path)
     if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
         raise NiftiError("label values must be whole numbers; the file holds fractional values", path=path)
     try:
-        check_labels(data)
+        check_labels(data, valid)
     except LabelError as err:
         raise NiftiError(str(err), path=path) from err
     return data.astype(np.uint8), Geometry.from_header(header)
@@ -472,19 +474,6 @@ def mask_to_bytes(mask: np.ndarray, geometry: Geometry, *, compresslevel: int = 
     return gzip.compress(mask_image(mask, geometry).to_bytes(), compresslevel=compresslevel, mtime=0)
 
 
-def _write_atomic(payload: bytes, path: PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _encode(img: nib.Nifti1Image, path: PathLike, compresslevel: int) -> bytes:
     payload = img.to_bytes()
     if os.fspath(path).endswith(".gz"):
@@ -494,7 +483,7 @@ def _encode(img: nib.Nifti1Image, path: PathLike, compresslevel: int) -> bytes:
 
 def save_mask(mask: np.ndarray, geometry: Geometry, path: PathLike, *, compresslevel: int = 3) -> None:
     """Write the mask (see :func:`mask_image`) atomically; gzip-compressed when ``path`` ends in ``.gz``."""
-    _write_atomic(_encode(mask_image(mask, geometry), path, compresslevel), path)
+    atomic_write(path, _encode(mask_image(mask, geometry), path, compresslevel))
 
 
 def save_image(
@@ -518,4 +507,4 @@ def save_image(
     else:
         raise ValueError(f"expected an image (X, Y, Z) or (C, X, Y, Z), got shape {image.shape}")
     data = np.array(image, dtype=dtype)
-    _write_atomic(_encode(_image(data, geometry), path, compresslevel), path)
+    atomic_write(path, _encode(_image(data, geometry), path, compresslevel))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["STD_FLOOR", "Preprocessed", "brain_bbox", "zscore_nonzero", "preprocess", "uncrop", "pad_to"]
+__all__ = ["STD_FLOOR", "Preprocessed", "mask_bbox", "brain_bbox", "zscore_nonzero", "preprocess", "uncrop", "pad_to"]
 
 STD_FLOOR = 1e-8
 """Smallest standard deviation divided by, so a constant channel maps to zeros instead of NaN."""
@@ -28,6 +28,29 @@ def _foreground(image: np.ndarray) -> np.ndarray:
     return np.any(image != 0, axis=0)
 
 
+def mask_bbox(mask: np.ndarray, *, margin: int = 0) -> tuple[slice, ...]:
+    """Bounding box of the nonzero voxels of a mask, grown by ``margin`` voxels and clipped to the array.
+
+    Args:
+        mask: ``(*spatial)``, nonzero = inside.
+        margin: Voxels added on each side of every axis (at least 0).
+
+    Returns:
+        One ``slice(start, stop)`` per axis (stop exclusive); the whole array if no voxel is nonzero.
+    """
+    mask = np.asarray(mask)
+    if margin < 0:
+        raise ValueError(f"margin must be at least 0, got {margin}")
+    if not mask.any():
+        return tuple(slice(0, n) for n in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(np.any(mask, axis=others))
+        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
 def brain_bbox(image: np.ndarray) -> tuple[slice, ...]:
     """Bounding box of the voxels that are nonzero in any channel.
 
@@ -37,17 +60,7 @@ def brain_bbox(image: np.ndarray) -> tuple[slice, ...]:
     Returns:
         One ``slice(start, stop)`` per spatial axis (stop exclusive); the whole volume if no voxel is nonzero.
     """
-    image = _check_image(image)
-    fg = _foreground(image)
-    spatial = image.shape[1:]
-    if not fg.any():
-        return tuple(slice(0, n) for n in spatial)
-    box = []
-    for axis in range(fg.ndim):
-        others = tuple(a for a in range(fg.ndim) if a != axis)
-        hits = np.flatnonzero(np.any(fg, axis=others))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+    return mask_bbox(_foreground(_check_image(image)))
 
 
 def zscore_nonzero(image: np.ndarray) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 A model is ``NAME.onnx`` with ``NAME.json`` beside it. The same fields (each JSON-encoded) are stored in
 the ONNX file's ``metadata_props``, except ``sha256``, which is the hash of the ONNX file itself.
+
+The name ``ensemble`` is reserved: ``model=ensemble`` asks the service for the average of all its models.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.core.files import atomic_write
 from service.core.labels import MODALITIES, REGION_NAMES
+
+RESERVED_NAMES: tuple[str, ...] = ("ensemble",)
+"""Names no model may take: ``model=ensemble`` means the average of all loaded models (SPEC, ``POST /segment``)."""
 
 
 class OutputSpec(BaseModel):
@@ -63,6 +69,16 @@ class ModelCard(BaseModel):
     validation: dict | None = None
     created: str
 
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v.lower() in RESERVED_NAMES:
+            raise ValueError(
+                f"the model name {v!r} is reserved: model=ensemble means the average of all loaded models; "
+                "export the model under another name"
+            )
+        return v
+
     @field_validator("modalities")
     @classmethod
     def _modalities(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -72,16 +88,21 @@ class ModelCard(BaseModel):
 
     @field_validator("patch_size")
     @classmethod
-    def _patch(cls, v: tuple[int, ...], info) -> tuple[int, ...]:
+    def _patch(cls, v: tuple[int, ...]) -> tuple[int, ...]:
         if any(int(s) < 1 for s in v):
             raise ValueError(f"patch_size must be positive, got {list(v)}")
         return tuple(int(s) for s in v)
 
-    def model_post_init(self, __context) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
         if self.in_channels != len(self.modalities):
             raise ValueError(f"in_channels {self.in_channels} does not match {len(self.modalities)} modalities")
         if len(self.patch_size) != self.spatial_dims:
-            raise ValueError(f"patch_size {list(self.patch_size)} has not {self.spatial_dims} dimensions")
+            raise ValueError(
+                f"patch_size {list(self.patch_size)} has {len(self.patch_size)} sizes, "
+                f"expected {self.spatial_dims} (spatial_dims)"
+            )
+        return self
 
     def to_metadata(self) -> dict[str, str]:
         """The card as ONNX ``metadata_props`` (each value JSON-encoded, ``sha256`` left out)."""
@@ -89,9 +110,23 @@ class ModelCard(BaseModel):
         return {key: json.dumps(value) for key, value in data.items()}
 
     @classmethod
-    def from_metadata(cls, props: dict[str, str]) -> "ModelCard":
-        """Inverse of :meth:`to_metadata`."""
-        return cls.model_validate({key: json.loads(value) for key, value in props.items() if key in cls.model_fields})
+    def from_metadata(cls, props: dict[str, str]) -> ModelCard:
+        """Inverse of :meth:`to_metadata`.
+
+        Raises:
+            ValueError: a key that is not a card field (refused, like unknown fields in ``NAME.json``), a
+                value that is not JSON, or a card that does not validate.
+        """
+        unknown = sorted(set(props) - set(cls.model_fields))
+        if unknown:
+            raise ValueError(f"unknown model card fields {unknown}; expected only {sorted(cls.model_fields)}")
+        values = {}
+        for key, value in props.items():
+            try:
+                values[key] = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"model card field {key!r} is not valid JSON ({exc})") from None
+        return cls.model_validate(values)
 
 
 def file_sha256(path: str | Path) -> str:
@@ -120,8 +155,5 @@ def read_card(path: str | Path) -> ModelCard:
 
 
 def write_card(card: ModelCard, path: str | Path) -> None:
-    """Write ``card`` as indented JSON, atomically (a temporary file renamed over the target)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(card.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
+    """Write ``card`` as indented JSON, atomically (a uniquely named temporary file renamed over the target)."""
+    atomic_write(path, card.model_dump_json(indent=2) + "\n")

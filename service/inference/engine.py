@@ -9,6 +9,12 @@ so that a model is never served with the wrong assumptions.
 dropped before the network and restored after. Tiles along the slice axis do not overlap (a patch of one
 voxel steps by one voxel), so ``batch_size`` tiles per call means ``batch_size`` slices per call whenever
 the slice fits in one patch; larger slices are tiled in-plane with the usual overlap and Gaussian blend.
+
+Test-time augmentation mirrors the input, predicts, mirrors the prediction back and averages. A 3D model
+gets the 8 combinations of flips along the three axes (SPEC). A 2D model gets only the 4 combinations of the
+two in-plane axes: it sees each slice on its own, so a flip along the slice axis gives back the prediction
+without it (up to rounding), and the average over 8 would equal the average over these 4 at twice the cost.
+In an ensemble each model gets its own flips.
 """
 
 from __future__ import annotations
@@ -125,9 +131,10 @@ class OnnxModel:
             are fixed, so this is paid on the first call) or ``"HEURISTIC"`` (no benchmark), for CUDA.
 
     Raises:
-        ValueError: naming the file, if the model or its card is missing or invalid, the card's sha256 or
-            its copy in the ONNX metadata disagree with the file, or the network's input or output does not
-            have the card's ``in_channels``, ``spatial_dims`` (and ``patch_size``, where the dims are fixed).
+        ValueError: naming the file, if the model or its card is missing or invalid, the card has no sha256
+            (export the model again), the card's sha256 or its copy in the ONNX metadata disagree with the
+            file, or the network's input or output does not have the card's ``in_channels``,
+            ``spatial_dims`` (and ``patch_size``, where the dims are fixed).
     """
 
     def __init__(
@@ -143,7 +150,12 @@ class OnnxModel:
             raise ValueError(f"{self.path}: ONNX model not found")
         self.card: ModelCard = read_card(card_path(self.path))
         self.sha256 = file_sha256(self.path)
-        if self.card.sha256 is not None and self.card.sha256 != self.sha256:
+        if self.card.sha256 is None:
+            raise ValueError(
+                f"{self.path}: {card_path(self.path).name} has no sha256, so the file cannot be checked against "
+                "its card; export the model again"
+            )
+        if self.card.sha256 != self.sha256:
             raise ValueError(
                 f"{self.path}: sha256 {self.sha256[:12]} does not match {card_path(self.path).name} "
                 f"({self.card.sha256[:12]}); the file changed after export, export it again"
@@ -297,8 +309,24 @@ class Segmentation:
     probabilities: np.ndarray | None = None
 
 
-FLIPS: tuple[tuple[int, ...], ...] = tuple(axes for n in range(4) for axes in combinations((0, 1, 2), n))
-"""The 8 mirrorings of a volume: every subset of the three spatial axes."""
+def _subsets(axes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(subset for n in range(len(axes) + 1) for subset in combinations(axes, n))
+
+
+FLIPS: tuple[tuple[int, ...], ...] = _subsets((0, 1, 2))
+"""The 8 mirrorings of a volume for a 3D model: every subset of the three spatial axes."""
+
+FLIPS_2D: tuple[tuple[int, ...], ...] = _subsets((0, 1))
+"""The 4 mirrorings for a 2D (slice-wise) model: every subset of the two in-plane axes (X, Y)."""
+
+
+def tta_flips(spatial_dims: int) -> tuple[tuple[int, ...], ...]:
+    """The flips that test-time augmentation averages over for a model of ``spatial_dims`` (2 or 3)."""
+    if spatial_dims == 3:
+        return FLIPS
+    if spatial_dims == 2:
+        return FLIPS_2D
+    raise ValueError(f"expected spatial_dims 2 or 3, got {spatial_dims}")
 
 
 class Engine:
@@ -342,7 +370,7 @@ class Engine:
 
         Args:
             image: ``(C, X, Y, Z)`` raw intensities in MODALITIES order (not normalised; read, never written).
-            tta: also average over the 8 flip combinations of the three spatial axes.
+            tta: also average over mirrored inputs (:func:`tta_flips`: 8 for a 3D model, 4 in-plane for 2D).
             probabilities: return the averaged probabilities too.
 
         Returns:
@@ -369,18 +397,24 @@ class Engine:
         return Segmentation(labels=labels.astype(np.uint8, copy=False), timings_ms=timings, probabilities=full_probs)
 
     def probabilities(self, data: np.ndarray, *, tta: bool = False) -> np.ndarray:
-        """Averaged sigmoid probabilities ``(3, *spatial)`` float32 for preprocessed ``data (C, *spatial)``."""
-        flips = FLIPS if tta else ((),)
+        """Averaged sigmoid probabilities ``(3, *spatial)`` float32 for preprocessed ``data (C, *spatial)``.
+
+        Each model's probabilities are first averaged over its own flips (with ``tta``), then the models are
+        averaged with equal weights.
+        """
         total = np.zeros((3, *data.shape[1:]), dtype=np.float32)
         for model in self.models:
+            flips = tta_flips(model.spatial_dims) if tta else ((),)
             for axes in flips:
                 spatial_axes = tuple(a + 1 for a in axes)
                 view = np.flip(data, spatial_axes) if axes else data
                 logits = self._logits(model, view)
                 probs = sigmoid(logits, out=logits)  # in place: the logits are ours and not needed again
+                if len(flips) > 1:
+                    probs /= len(flips)  # this model's mean over its flips
                 total += np.flip(probs, spatial_axes) if axes else probs
                 del logits, probs
-        total /= len(self.models) * len(flips)
+        total /= len(self.models)
         return total
 
     def _logits(self, model: OnnxModel, data: np.ndarray) -> np.ndarray:

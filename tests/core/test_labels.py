@@ -10,6 +10,7 @@ from service.core.labels import (
     MODALITIES,
     REGION_NAMES,
     REGIONS,
+    TUMOUR_LABELS,
     VALID_LABELS,
     LabelError,
     brats_to_msd,
@@ -24,6 +25,7 @@ class TestConstants:
     def test_spec_values(self):
         assert MODALITIES == ("flair", "t1", "t1ce", "t2")
         assert VALID_LABELS == (0, 1, 2, 4)
+        assert TUMOUR_LABELS == (1, 2, 4) == tuple(v for v in LABELS if v != 0)
         assert LABELS == {0: "background", 1: "NCR/NET", 2: "ED", 4: "ET"}
         assert REGIONS == {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
         assert REGION_NAMES == ("WT", "TC", "ET")

@@ -101,7 +101,6 @@ class TestRoundTrip:
         assert geometry.shape == SHAPE
         np.testing.assert_allclose(geometry.affine, affine, atol=1e-5)
         np.testing.assert_allclose(geometry.zooms, (0.9375, 1.25, 3.0), rtol=1e-6)
-        assert geometry.spacing == geometry.zooms
         assert geometry.affine.dtype == np.float64 and geometry.affine.shape == (4, 4)
         assert not geometry.affine.flags.writeable
 
@@ -454,6 +453,21 @@ class TestLoadLabel:
         with pytest.raises(NiftiError, match="BraTS 2020 has no label 3") as err:
             load_label(write(make_image(labels), tmp_path / "seg.nii"))
         assert "seg.nii" in str(err.value)
+
+    def test_other_valid_set(self, tmp_path):
+        msd = np.zeros(SHAPE, np.uint8)
+        msd[1:4, 1:3, 1:3] = [1, 2]
+        msd[2, 2, 2] = 3
+        path = write(make_image(msd), tmp_path / "msd.nii.gz")
+        labels, _ = load_label(path, valid=(0, 1, 2, 3))
+        np.testing.assert_array_equal(labels, msd)  # returned as stored, not remapped
+        with pytest.raises(NiftiError, match="BraTS 2020 has no label 3"):
+            load_label(path)  # the default stays BraTS 2020
+
+    def test_value_outside_other_valid_set_is_refused(self, tmp_path):
+        labels = self.labels()  # holds 4, which MSD labels do not
+        with pytest.raises(NiftiError, match=r"\{4\} are not allowed; expected only \{0, 1, 2, 3\}"):
+            load_label(write(make_image(labels), tmp_path / "seg.nii"), valid=(0, 1, 2, 3))
 
     def test_unknown_labels_listed(self, tmp_path):
         labels = self.labels()

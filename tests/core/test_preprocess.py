@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.core.preprocess import Preprocessed, brain_bbox, pad_to, preprocess, uncrop, zscore_nonzero
+from service.core.preprocess import Preprocessed, brain_bbox, mask_bbox, pad_to, preprocess, uncrop, zscore_nonzero
 
 
 def two_channel_image() -> np.ndarray:
@@ -37,6 +37,22 @@ class TestBrainBbox:
     def test_needs_channel_axis(self):
         with pytest.raises(ValueError, match=r"expected a channel-first image \(C, \*spatial\), got shape \(5,\)"):
             brain_bbox(np.zeros(5))
+
+
+class TestMaskBbox:
+    def test_margin_is_clipped_to_the_array(self):
+        mask = np.zeros((6, 5, 4), bool)
+        mask[0, 2, 2:4] = True
+        assert mask_bbox(mask) == (slice(0, 1), slice(2, 3), slice(2, 4))
+        assert mask_bbox(mask, margin=1) == (slice(0, 2), slice(1, 4), slice(1, 4))
+        assert mask_bbox(mask, margin=10) == (slice(0, 6), slice(0, 5), slice(0, 4))
+
+    def test_empty_gives_whole_array(self):
+        assert mask_bbox(np.zeros((3, 2), bool), margin=1) == (slice(0, 3), slice(0, 2))
+
+    def test_negative_margin_is_refused(self):
+        with pytest.raises(ValueError, match="margin must be at least 0, got -1"):
+            mask_bbox(np.ones((2, 2), bool), margin=-1)
 
 
 class TestZscore:

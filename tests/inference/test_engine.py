@@ -19,7 +19,9 @@ from service.core.labels import regions_to_labels
 from service.core.preprocess import preprocess, uncrop
 from service.inference.card import ModelCard, card_path, file_sha256, write_card
 from service.inference.engine import (
+    DEFAULT_PROVIDERS,
     FLIPS,
+    FLIPS_2D,
     Engine,
     OnnxModel,
     Segmentation,
@@ -87,6 +89,7 @@ def build_model(
     patch_size,
     card_updates: dict | None = None,
     metadata_updates: dict | None = None,
+    metadata_extra: dict[str, str] | None = None,
     metadata: bool = True,
     input_channels: int | str = "C",
 ):
@@ -115,7 +118,7 @@ def build_model(
     )
     if metadata:
         embedded = card.model_copy(update=metadata_updates or {})
-        helper.set_model_props(model, embedded.to_metadata())
+        helper.set_model_props(model, {**embedded.to_metadata(), **(metadata_extra or {})})
     onnx.checker.check_model(model)
     path = folder / f"{name}.onnx"
     onnx.save(model, path)
@@ -125,6 +128,8 @@ def build_model(
 
 
 def open_model(path, **kwargs) -> OnnxModel:
+    """Open on the CPU unless told otherwise (on a GPU host too), one thread: the same numbers everywhere."""
+    kwargs.setdefault("providers", ["CPUExecutionProvider"])
     return OnnxModel(path, intra_op_threads=1, **kwargs)
 
 
@@ -152,15 +157,31 @@ def reference_probabilities(image, weight, bias, *, slice_wise=False) -> np.ndar
 
 
 class Recorder:
-    """Stands in for an OnnxModel, forwarding to one and recording the batch shapes it is given."""
+    """Stands in for an OnnxModel, forwarding to one and recording the batches (and their shapes) it is given."""
 
     def __init__(self, model: OnnxModel):
         self.model, self.card, self.spatial_dims, self.sha256 = model, model.card, model.spatial_dims, model.sha256
         self.shapes: list[tuple[int, ...]] = []
+        self.batches: list[np.ndarray] = []
 
     def __call__(self, batch):
         self.shapes.append(batch.shape)
+        self.batches.append(np.array(batch))
         return self.model(batch)
+
+
+def flip(data: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """``data (C, *spatial)`` mirrored along the spatial ``axes`` (0 = X)."""
+    return np.flip(data, [a + 1 for a in axes])
+
+
+def mean_over_flips(model, data: np.ndarray, flips) -> np.ndarray:
+    """Reference TTA: the model's probabilities on each mirrored input, mirrored back and averaged."""
+    total = np.zeros((3, *data.shape[1:]))
+    for axes in flips:
+        probs = Engine([model]).probabilities(np.ascontiguousarray(flip(data, axes)))
+        total += flip(probs, axes)
+    return total / len(flips)
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +253,7 @@ class TestProviders:
 class TestOnnxModel:
     def test_session_and_card(self, models):
         model, weight, bias = models["point3d"]
-        assert model.provider == "CPUExecutionProvider"  # this machine has no GPU
+        assert model.provider == "CPUExecutionProvider"  # asked for by open_model, whatever the host has
         assert model.name == "point3d" and model.spatial_dims == 3 and model.card.patch_size == (8, 8, 8)
         assert model.sha256 == file_sha256(model.path)
         options = model.session.get_session_options()
@@ -253,6 +274,11 @@ class TestOnnxModel:
         with pytest.raises(ValueError, match=r"expects a batch \(B, 4, X, Y, Z\)"):
             model(np.zeros((1, 3, 4, 4, 4), np.float32))
 
+    def test_default_providers_take_the_best_available(self, models):
+        model = OnnxModel(models["point3d"][0].path, intra_op_threads=1)
+        available = ort.get_available_providers()
+        assert model.provider in [p for p in DEFAULT_PROVIDERS if p in available]  # CUDA may fall back to CPU
+
     def test_unavailable_provider_is_refused(self, models):
         with pytest.raises(ValueError, match="not available"):
             open_model(models["point3d"][0].path, providers=["NoSuchExecutionProvider"])
@@ -270,7 +296,7 @@ class TestLoadModels:
         build_model(tmp_path, "zeta", *pointwise_weights(), patch_size=(8, 8, 8))
         build_model(tmp_path, "alpha", *pointwise_weights(spatial_dims=2), patch_size=(8, 8))
         (tmp_path / "notes.txt").write_text("not a model")
-        models = load_models(tmp_path, intra_op_threads=1)
+        models = load_models(tmp_path, providers=["CPUExecutionProvider"], intra_op_threads=1)
         assert list(models) == ["alpha", "zeta"]
         assert [m.spatial_dims for m in models.values()] == [2, 3]
         assert {m.provider for m in models.values()} == {"CPUExecutionProvider"}
@@ -319,6 +345,21 @@ class TestLoadModels:
     def test_file_changed_after_export(self, tmp_path):
         build_model(tmp_path, "stale", *pointwise_weights(), patch_size=(8, 8, 8), card_updates={"sha256": "0" * 64})
         with pytest.raises(ValueError, match=r"stale\.onnx: sha256 .* does not match stale\.json"):
+            load_models(tmp_path)
+
+    def test_card_without_sha256_is_refused(self, tmp_path):
+        build_model(tmp_path, "unhashed", *pointwise_weights(), patch_size=(8, 8, 8), card_updates={"sha256": None})
+        with pytest.raises(ValueError, match=r"unhashed\.onnx: unhashed\.json has no sha256.*export the model again"):
+            load_models(tmp_path)
+
+    def test_unknown_field_in_the_onnx_metadata_is_refused(self, tmp_path):
+        build_model(
+            tmp_path, "extra", *pointwise_weights(), patch_size=(8, 8, 8), metadata_extra={"pacth_size": "[8, 8, 8]"}
+        )
+        with pytest.raises(
+            ValueError, match=r"extra\.onnx: invalid model card in the ONNX metadata: unknown model card fields "
+            r"\['pacth_size'\]"
+        ):
             load_models(tmp_path)
 
     def test_card_name_must_be_the_file_name(self, tmp_path):
@@ -388,26 +429,61 @@ class TestEngine:
         np.testing.assert_allclose(one.probabilities, three.probabilities, rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(one.labels, three.labels)
 
-    @pytest.mark.parametrize("name", ["point3d", "point2d"])
-    def test_tta_with_a_flip_equivariant_model_changes_nothing(self, models, name):
-        recorder = Recorder(models[name][0])
-        plain = Engine([models[name][0]]).segment(scan(), probabilities=True)
-        tta = Engine([recorder]).segment(scan(), tta=True, probabilities=True)
+    @pytest.mark.parametrize(
+        ("name", "batch_size", "passes", "call"),
+        [
+            ("point3d", 1, 8, (1, 4, 8, 8, 8)),  # crop (8, 8, 7) padded to the patch: one tile, one call a pass
+            ("point2d", 7, 4, (7, 4, 8, 8)),  # the crop's 7 slices fit one patch each: one call a pass
+        ],
+    )
+    def test_tta_with_a_flip_equivariant_model_changes_nothing(self, models, name, batch_size, passes, call):
+        plain_recorder, tta_recorder = Recorder(models[name][0]), Recorder(models[name][0])
+        plain = Engine([plain_recorder], batch_size=batch_size).segment(scan(), probabilities=True)
+        tta = Engine([tta_recorder], batch_size=batch_size).segment(scan(), tta=True, probabilities=True)
+        assert plain_recorder.shapes == [call]
+        assert tta_recorder.shapes == [call] * passes  # 3D: 8 mirrorings; 2D: the 4 in-plane ones
         np.testing.assert_array_equal(tta.labels, plain.labels)
+        np.testing.assert_array_equal(tta.labels, expected_labels())
         np.testing.assert_allclose(tta.probabilities, plain.probabilities, rtol=1e-6, atol=1e-7)
-        calls_per_pass = len(recorder.shapes) // 8
-        assert len(recorder.shapes) == 8 * calls_per_pass > 0
 
-    def test_tta_averages_the_eight_mirrored_predictions(self, models):
+    def test_flip_sets(self):
+        assert set(FLIPS) == {(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)} and len(FLIPS) == 8
+        assert FLIPS_2D == ((), (0,), (1,), (0, 1))
+
+    @pytest.mark.parametrize(("name", "expected"), [("conv3d", FLIPS), ("conv2d", FLIPS_2D)])
+    def test_tta_feeds_each_mirrored_input_once(self, models, name, expected):
+        data = preprocess(scan()).data  # (4, 8, 8, 7): no two mirrorings of it are equal
+        assert len({flip(data, axes).tobytes() for axes in FLIPS}) == 8
+        recorder = Recorder(models[name][0])
+        Engine([recorder], batch_size=7).probabilities(data, tta=True)  # one call a pass (see above)
+        seen = []
+        for batch in recorder.batches:
+            volume = batch[0] if batch.ndim == 5 else np.moveaxis(batch, 0, -1)  # 2D: slices back to (4, X, Y, Z)
+            seen += [axes for axes in FLIPS if np.array_equal(volume, flip(data, axes))]
+        assert seen == list(expected)
+
+    def test_3d_tta_averages_the_eight_mirrored_predictions(self, models):
         model = models["conv3d"][0]
         data = preprocess(scan()).data
-        expected = np.zeros((3, *data.shape[1:]))
-        for axes in FLIPS:
-            flipped = np.flip(data, [a + 1 for a in axes])
-            probs = Engine([model]).probabilities(np.ascontiguousarray(flipped))
-            expected += np.flip(probs, [a + 1 for a in axes])
-        np.testing.assert_allclose(Engine([model]).probabilities(data, tta=True), expected / 8, rtol=1e-5, atol=1e-6)
-        assert len(set(FLIPS)) == 8
+        expected = mean_over_flips(model, data, FLIPS)
+        np.testing.assert_allclose(Engine([model]).probabilities(data, tta=True), expected, rtol=1e-5, atol=1e-6)
+
+    def test_2d_tta_averages_the_four_in_plane_mirrored_predictions(self, models):
+        model = models["conv2d"][0]
+        data = preprocess(scan()).data
+        tta = Engine([model]).probabilities(data, tta=True)
+        np.testing.assert_allclose(tta, mean_over_flips(model, data, FLIPS_2D), rtol=1e-5, atol=1e-6)
+        # flips along the slice axis would add nothing: the 8-flip average is the same
+        np.testing.assert_allclose(tta, mean_over_flips(model, data, FLIPS), rtol=1e-5, atol=1e-6)
+
+    def test_tta_ensemble_of_2d_and_3d_models_mirrors_each_its_own_way(self, models):
+        data = preprocess(scan()).data
+        conv3d, conv2d = models["conv3d"][0], models["conv2d"][0]
+        rec3d, rec2d = Recorder(conv3d), Recorder(conv2d)
+        both = Engine([rec3d, rec2d], batch_size=7).probabilities(data, tta=True)
+        assert len(rec3d.shapes) == 8 and len(rec2d.shapes) == 4
+        singles = [Engine([m], batch_size=7).probabilities(data, tta=True) for m in (conv3d, conv2d)]
+        np.testing.assert_allclose(both, (singles[0] + singles[1]) / 2, rtol=1e-6, atol=1e-6)
 
     def test_ensemble_averages_probabilities(self, models):
         a, b, c = models["point3d"][0], models["point3d_b"][0], models["conv2d"][0]

@@ -339,7 +339,7 @@ class TestAgainstMonai:
 
     @pytest.mark.parametrize("mode", ["constant", "gaussian"])
     def test_pointwise_conv_on_odd_size_matches_monai(self, conv, mode):
-        image = np.random.default_rng(6).normal(size=(2, 37, 50, 29)).astype(np.float32)
+        image = np.random.default_rng(6).normal(size=(2, 37, 51, 29)).astype(np.float32)  # every axis odd
         ours = sliding_window(
             image, self.numpy_conv(conv, kernel=1), patch_size=PATCH, overlap=0.5, gaussian=mode == "gaussian"
         )

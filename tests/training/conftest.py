@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from training.data.provenance import mark_synthetic
 from training.data.synthetic import generate_dataset
 
 TINY_SIZE = (48, 48, 32)
@@ -13,10 +12,9 @@ TINY_SPACING = (5.0, 5.0, 5.0)
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
-    """Six small labelled cases in the BraTS 2020 layout, marked synthetic."""
+    """Six small labelled cases in the BraTS 2020 layout (the generator marks them synthetic)."""
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(root, 6, seed=11, size=TINY_SIZE, spacing=TINY_SPACING, progress=False)
-    mark_synthetic(root, seed=11, cases=6)
     return root
 
 

@@ -111,8 +111,10 @@ class TestContract:
     def test_new_arrays_shapes_and_dtypes(self, spatial_dims):
         image, label = pair(shape=(9, 8, 7)[:spatial_dims])
         image_before, label_before = image.copy(), label.copy()
-        for probs in (dict(prob_flip=0.0, prob_intensity=0.0, prob_affine=0.0), dict(prob_flip=1.0,
-                      prob_intensity=1.0, prob_affine=1.0)):
+        nothing = dict(prob_flip=0.0, prob_intensity=0.0, prob_affine=0.0)
+        everything = dict(prob_flip=1.0, prob_intensity=1.0, prob_affine=1.0)
+        flip_and_intensity = dict(prob_flip=1.0, prob_intensity=1.0, prob_affine=0.0)
+        for probs in (nothing, ONLY_FLIPS, ONLY_INTENSITY, ONLY_AFFINE, flip_and_intensity, everything):
             out_image, out_label = Augmenter(spatial_dims=spatial_dims, **probs, seed=0)(image, label)
             assert out_image.shape == image.shape and out_image.dtype == np.float32
             assert out_label.shape == label.shape and out_label.dtype == np.uint8

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.core.preprocess import preprocess
+from service.core.preprocess import Preprocessed, preprocess
 from tests.training.test_readers import make_brats_case
+from training.data import cache as cache_module
 from training.data.cache import CachedCase, load_cached, preprocess_dataset
 from training.data.readers import DataError, find_cases, load_case
 from training.data.sampler import PatchSampler
@@ -126,6 +127,45 @@ class TestPreprocessDataset:
         with pytest.raises(DataError, match=r"BraTS20_Training_001: not a NIfTI.*_t1\.nii\.gz"):
             preprocess_dataset(cases, tmp_path / "cache", progress=False)
 
+    def test_failed_run_leaves_a_cache_that_asks_for_preprocess(self, dataset: Path, tmp_path: Path):
+        cases = find_cases(dataset)
+        preprocess_dataset(cases, tmp_path / "cache", progress=False)
+        cases[1].images["t1"].write_bytes(b"garbage")
+        with pytest.raises(DataError, match="BraTS20_Training_002: not a NIfTI"):
+            preprocess_dataset(cases, tmp_path / "cache", progress=False)
+        with pytest.raises(DataError, match=r"no cached cases .*did not finish.*python -m training preprocess DATA"):
+            load_cached(tmp_path / "cache")
+
+    def test_float16_overflow_tells_what_to_do(self, dataset: Path, tmp_path: Path, monkeypatch):
+        def huge(image):
+            box = (slice(0, 2),) * 3
+            return Preprocessed(data=np.full((4, 2, 2, 2), 1e6, np.float32), bbox=box, full_shape=image.shape[1:])
+
+        monkeypatch.setattr(cache_module, "preprocess", huge)
+        with pytest.raises(DataError, match=r"BraTS20_Training_001: .*float16.*python -m training preprocess DATA"):
+            preprocess_dataset(find_cases(dataset)[:1], tmp_path / "cache", progress=False)
+
+    def test_reused_cache_holds_only_the_last_dataset(self, dataset: Path, tmp_path: Path):
+        cache = tmp_path / "cache"
+        preprocess_dataset(find_cases(dataset), cache, progress=False)
+        other = tmp_path / "other" / "MICCAI_BraTS2020_TrainingData"
+        make_brats_case(other, "BraTS20_Training_001", image=brain_image(7), seg=tumour_label())
+        make_brats_case(other, "BraTS20_Training_003", image=brain_image(8), seg=tumour_label())
+        b_cases = find_cases(other)
+        preprocess_dataset(b_cases, cache, progress=False)
+        loaded = load_cached(cache)
+        assert [c.case_id for c in loaded] == ["BraTS20_Training_001", "BraTS20_Training_003"]
+        np.testing.assert_allclose(loaded[0].image, preprocess(load_case(b_cases[0])[0]).data, atol=2e-3)
+        assert json.loads((cache / "cases.json").read_text())["cases"] == [c.case_id for c in b_cases]
+        with pytest.raises(DataError, match=r"not cached .*BraTS20_Training_002"):
+            load_cached(cache, ["BraTS20_Training_002"])  # its files are still there, but from an earlier run
+
+    def test_case_id_that_would_overwrite_the_index(self, dataset: Path, tmp_path: Path):
+        case = find_cases(dataset)[0]
+        clash = type(case)(case_id="cases", images=case.images, label=case.label)
+        with pytest.raises(DataError, match="clash with the cache's own files"):
+            preprocess_dataset([clash], tmp_path / "cache", progress=False)
+
     def test_repeated_case_ids(self, dataset: Path, tmp_path: Path):
         case = find_cases(dataset)[0]
         with pytest.raises(DataError, match="repeated"):
@@ -148,13 +188,16 @@ class TestLoadCached:
         with pytest.raises(DataError, match="does not exist"):
             load_cached(tmp_path / "missing")
         (tmp_path / "empty").mkdir()
-        with pytest.raises(DataError, match="no cached cases"):
+        with pytest.raises(DataError, match=r"no cached cases .*python -m training preprocess DATA CACHE"):
             load_cached(tmp_path / "empty")
         preprocess_dataset(find_cases(dataset)[:1], tmp_path / "cache", progress=False)
         with pytest.raises(DataError, match=r"not cached .*BraTS20_Training_002"):
             load_cached(tmp_path / "cache", ["BraTS20_Training_002"])
         (tmp_path / "cache" / "BraTS20_Training_001_label.npy").unlink()
-        with pytest.raises(DataError, match="BraTS20_Training_001: incomplete cache"):
+        with pytest.raises(DataError, match="BraTS20_Training_001: incomplete cache.*python -m training preprocess"):
+            load_cached(tmp_path / "cache")
+        (tmp_path / "cache" / "cases.json").write_text('{"format": 0, "cases": []}')
+        with pytest.raises(DataError, match=r"not a cache index of format 1; run `python -m training preprocess"):
             load_cached(tmp_path / "cache")
 
 
@@ -227,10 +270,13 @@ class TestPatchSampler:
 
     def test_deterministic_with_seed(self):
         cases = [synthetic_case(case_id="a"), synthetic_case(tumour=((3, 4, 5),), case_id="b")]
-        a = PatchSampler(cases, patch_size=(6, 6, 6), seed=7).sample_batch(6)
-        b = PatchSampler(cases, patch_size=(6, 6, 6), seed=7).sample_batch(6)
-        c = PatchSampler(cases, patch_size=(6, 6, 6), seed=8).sample_batch(6)
-        assert a[0].shape == (6, 4, 6, 6, 6) and a[1].shape == (6, 6, 6, 6)
+
+        def draw(seed):
+            sampler = PatchSampler(cases, patch_size=(6, 6, 6), seed=seed)
+            pairs = [sampler.sample() for _ in range(6)]
+            return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+        a, b, c = draw(7), draw(7), draw(8)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
         assert not np.array_equal(a[0], c[0])

@@ -72,14 +72,23 @@ class TestTraining:
         split = json.loads((trained_run / "split.json").read_text())
         assert split["validation"] and not set(split["validation"]) & set(split["train"])
 
-    def test_resume_continues_and_refuses_to_overwrite(self, trained_run, tiny_cache, tmp_path):
-        run = tmp_path / "resumed"
-        shutil.copytree(trained_run, run)
-        base = ["train", "--cache", str(tiny_cache), "--out", str(run), "--arch", "unet", "--iterations", "3", *TINY_3D]
-        assert main([*base, "--epochs", "5"]) == 2  # an existing run without --resume is an error
-        assert main([*base, "--epochs", "5", "--resume"]) == 0
-        assert [int(r["epoch"]) for r in _log(run)] == [1, 2, 3, 4, 5]
-        assert load_checkpoint(run / "checkpoint_last.pt")["epoch"] == 5
+    def test_resume_continues_exactly_where_the_run_stopped(self, tiny_cache, tmp_path):
+        base = ["train", "--cache", str(tiny_cache), "--channels", "4,8", "--patch-size", "8,8,8", "--epochs", "4",
+                "--iterations", "3", "--val-interval", "1", "--amp", "off", "--seed", "5"]
+        assert main([*base, "--out", str(tmp_path / "straight")]) == 0
+        pieces = ["--out", str(tmp_path / "pieces")]
+        assert main([*base, *pieces, "--stop-after", "2"]) == 0
+        assert load_checkpoint(tmp_path / "pieces" / "checkpoint_last.pt")["epoch"] == 2
+        assert main([*base, *pieces]) == 2  # an existing run without --resume is refused
+        assert main([*base, *pieces, "--resume", "--lr", "0.5"]) == 2  # so is a resume with other settings
+        assert main([*base, *pieces, "--resume"]) == 0
+
+        assert [int(r["epoch"]) for r in _log(tmp_path / "pieces")] == [1, 2, 3, 4]
+        straight = load_checkpoint(tmp_path / "straight" / "checkpoint_last.pt")
+        resumed = load_checkpoint(tmp_path / "pieces" / "checkpoint_last.pt")
+        assert resumed["epoch"] == 4
+        for key in straight["model"]:
+            torch.testing.assert_close(resumed["model"][key], straight["model"][key], rtol=0, atol=0)
 
     def test_seeded_runs_repeat(self, tiny_cache, tmp_path):
         def run(name):

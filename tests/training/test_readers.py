@@ -283,7 +283,16 @@ class TestLoadCase:
         bad = np.zeros(SHAPE, np.uint8)
         bad[0, 0, 0] = 4
         write_nifti(task / "labelsTr" / "BRATS_002.nii.gz", bad)
-        with pytest.raises(DataError, match=r"BRATS_002: MSD label values \{4\}.*BRATS_002\.nii\.gz\)"):
+        expected = r"BRATS_002: MSD label file: label values \{4\}.*\{0, 1, 2, 3\}.*BRATS_002\.nii\.gz\)"
+        with pytest.raises(DataError, match=expected):
+            load_case(self._case(tmp_path, "BRATS_002"))
+
+    def test_msd_label_with_fractional_values_is_refused(self, tmp_path: Path):
+        task = make_msd_root(tmp_path)
+        bad = np.zeros(SHAPE, np.float32)
+        bad[0, 0, 0] = 1.5
+        write_nifti(task / "labelsTr" / "BRATS_002.nii.gz", bad)
+        with pytest.raises(DataError, match=r"BRATS_002: MSD label file: .*whole numbers.*BRATS_002\.nii\.gz\)"):
             load_case(self._case(tmp_path, "BRATS_002"))
 
     def test_msd_image_with_three_channels(self, tmp_path: Path):

@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 
 from service.core.labels import MODALITIES
 from training.data import synthetic
+from training.data.provenance import MARKER, carry_marker, find_marker, is_synthetic_cache, mark_synthetic
 from training.data.synthetic import (
     BRATS_DIR,
     MSD_DIR,
@@ -215,18 +216,22 @@ class TestGenerateDataset:
 
     @pytest.mark.parametrize(("layout", "fail_at"), [("brats2020", 8), ("msd", 4)])
     def test_interrupted_run_leaves_only_whole_cases(self, tmp_path, monkeypatch, layout, fail_at):
-        real_save = synthetic.nib.save
         calls = []
 
-        def flaky_save(img, filename):
-            calls.append(filename)
-            if len(calls) == fail_at:  # the 3rd file of case 2 (brats2020: 5 files a case; msd: 2)
-                raise OSError("disk full")
-            real_save(img, filename)
+        def flaky(real):
+            def save(data, geometry, path, **kwargs):
+                calls.append(path)
+                if len(calls) == fail_at:  # a file of case 2 (brats2020: 5 files a case; msd: 2)
+                    raise OSError("disk full")
+                real(data, geometry, path, **kwargs)
 
-        monkeypatch.setattr(synthetic.nib, "save", flaky_save)
+            return save
+
+        monkeypatch.setattr(synthetic, "save_image", flaky(synthetic.save_image))
+        monkeypatch.setattr(synthetic, "save_mask", flaky(synthetic.save_mask))
         with pytest.raises(OSError, match="disk full"):
             generate_dataset(tmp_path, 3, layout=layout, size=SIZE, spacing=SPACING, progress=False)
+        assert (tmp_path / MARKER).is_file()  # what was written is marked synthetic
         if layout == "brats2020":
             assert [p.name for p in (tmp_path / BRATS_DIR).iterdir()] == ["BraTS20_Training_001"]
             assert len(list((tmp_path / BRATS_DIR / "BraTS20_Training_001").iterdir())) == 5
@@ -251,7 +256,44 @@ class TestGenerateDataset:
             generate_dataset(tmp_path, 1, layout="nnunet", size=SIZE, spacing=SPACING, progress=False)
         assert not any(tmp_path.iterdir())
 
-    def test_command_line(self, tmp_path):
-        argv = [str(tmp_path), "--n-cases", "1", "--layout", "msd", "--size", "60", "60", "39"]
-        assert synthetic.main([*argv, "--spacing", "4", "4", "4", "--no-progress"]) == 0
-        assert (tmp_path / MSD_DIR / "imagesTr" / "BRATS_001.nii.gz").is_file()
+    @pytest.mark.parametrize("layout", ["brats2020", "msd"])
+    def test_marks_the_folder_synthetic(self, tmp_path, layout):
+        generate_dataset(tmp_path, 1, seed=6, layout=layout, size=SIZE, spacing=SPACING, start_index=3,
+                         progress=False)
+        marker = json.loads((tmp_path / MARKER).read_text())
+        assert marker["synthetic"] is True
+        assert {k: marker[k] for k in ("seed", "n_cases", "start_index", "size", "spacing", "layout")} == {
+            "seed": 6, "n_cases": 1, "start_index": 3, "size": list(SIZE), "spacing": list(SPACING), "layout": layout,
+        }
+        top = tmp_path / (BRATS_DIR if layout == "brats2020" else MSD_DIR)
+        assert find_marker(tmp_path) == find_marker(top) == (tmp_path / MARKER).resolve()
+
+    def test_no_second_command_line(self):
+        assert not hasattr(synthetic, "main")  # `python -m training synth` is the one command line
+
+
+class TestProvenance:
+    def test_marker_is_found_in_the_folder_or_its_parent_only(self, tmp_path):
+        top = tmp_path / "synth"
+        mark_synthetic(top, seed=1)
+        deep = top / "MICCAI_BraTS2020_TrainingData" / "BraTS20_Training_001"
+        deep.mkdir(parents=True)
+        assert find_marker(top) == (top / MARKER).resolve()
+        assert find_marker(deep.parent) == (top / MARKER).resolve()
+        assert find_marker(deep) is None  # two levels up is someone else's folder
+        assert find_marker(tmp_path) is None
+
+    def test_carry_marker_copies_it_into_the_cache(self, tmp_path):
+        mark_synthetic(tmp_path / "data", seed=2)
+        assert carry_marker(tmp_path / "data", tmp_path / "cache") is True
+        assert is_synthetic_cache(tmp_path / "cache")
+        assert json.loads((tmp_path / "cache" / MARKER).read_text())["seed"] == 2
+        assert [p.name for p in (tmp_path / "cache").iterdir()] == [MARKER]  # no temporary file left
+
+    def test_carry_marker_removes_a_stale_marker_for_real_data(self, tmp_path):
+        mark_synthetic(tmp_path / "synth")
+        carry_marker(tmp_path / "synth", tmp_path / "cache")
+        (tmp_path / "real").mkdir()
+        assert carry_marker(tmp_path / "real", tmp_path / "cache") is False
+        assert not is_synthetic_cache(tmp_path / "cache")
+        assert carry_marker(tmp_path / "real", tmp_path / "new_cache") is False  # no cache yet: nothing to do

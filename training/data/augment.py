@@ -19,8 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_LABEL_VALUES = (0, 1, 2, 4)
-
 
 class Augmenter:
     """Random augmentation of an ``(image, label)`` training pair.
@@ -107,16 +105,18 @@ class Augmenter:
         if label.shape != image.shape[1:]:
             raise ValueError(f"label shape {label.shape} does not match the image's spatial shape {image.shape[1:]}")
 
+        fresh_image = fresh_label = False  # whether the array (or the view it is) no longer belongs to the caller
         if self.rng.random() < self.prob_affine:
             image, label = self._affine(image, label)
+            fresh_image = fresh_label = True
         flip_axes = [ax for ax in range(self.spatial_dims) if self.rng.random() < self.prob_flip]
         if flip_axes:
-            image = np.flip(image, axis=tuple(a + 1 for a in flip_axes))
+            image = np.flip(image, axis=tuple(a + 1 for a in flip_axes))  # views
             label = np.flip(label, axis=tuple(flip_axes))
         if self.rng.random() < self.prob_intensity:
             image = self._intensity(image)
-        # Always hand back fresh, contiguous arrays of the documented dtypes.
-        return np.array(image, dtype=np.float32, order="C", copy=True), np.array(label, dtype=np.uint8, copy=True)
+            fresh_image = True
+        return _owned(image, np.float32, fresh_image), _owned(label, np.uint8, fresh_label)
 
     def _intensity(self, image: np.ndarray) -> np.ndarray:
         channels = image.shape[0]
@@ -166,3 +166,14 @@ class Augmenter:
             out_img = F.grid_sample(img_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
             out_lab = F.grid_sample(lab_t, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         return out_img[0].numpy(), out_lab[0, 0].numpy().astype(np.uint8)
+
+
+def _owned(array: np.ndarray, dtype: type, fresh: bool) -> np.ndarray:
+    """``array`` as a C-contiguous ``dtype`` array that shares no memory with the caller's input.
+
+    A ``fresh`` array (made by a step above, possibly seen through a flip) is copied only if its layout or dtype
+    needs it; anything else may be, or view, the caller's input and is always copied.
+    """
+    if fresh:
+        return np.ascontiguousarray(array, dtype=dtype)
+    return np.array(array, dtype=dtype, order="C", copy=True)

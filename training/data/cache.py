@@ -13,6 +13,11 @@ For each case, ``cache_dir`` holds:
 - ``CASE.json``: case id, bounding box, spacing, affine, original and cropped shapes, voxel counts per
   label, and the size and modification time of every source file.
 
+and ``cases.json``, the index: the case ids of the last :func:`preprocess_dataset` call. :func:`load_cached` opens
+exactly the indexed cases, so a cache folder reused for other data never trains on the cases of an earlier
+run (their files stay on disk, ignored). The index is removed when a run starts and written when it ends, so
+an interrupted run leaves a cache that asks to be preprocessed again.
+
 Every file is written to a temporary name and renamed into place, the JSON last, so a case whose JSON
 exists is complete. A case whose JSON records the same source sizes and modification times (and the same
 cache format and dtype) is not processed again.
@@ -23,8 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -34,14 +37,19 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from service.core.files import atomic_write
+from service.core.labels import TUMOUR_LABELS
 from service.core.preprocess import preprocess
+from training.data.provenance import MARKER
 from training.data.readers import Case, DataError, load_case
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-TUMOUR_LABELS = (1, 2, 4)
 DEFAULT_MAX_LOCATIONS = 10_000
+INDEX = "cases.json"
+"""The cache's index: ``{"format": CACHE_FORMAT, "cases": [case ids of the last preprocess_dataset call]}``."""
+RERUN = "run `python -m training preprocess DATA CACHE` again"
 
 
 @dataclass(frozen=True)
@@ -116,18 +124,6 @@ def _up_to_date(cache_dir: Path, case: Case, stamps: list[dict], dtype: str, max
     )
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it to ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sample_locations(label: np.ndarray, case_id: str, max_locations: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(zlib.crc32(case_id.encode()))
     out = {}
@@ -152,11 +148,16 @@ def _cache_case(case: Case, cache_dir: Path, dtype: str, max_locations: int) -> 
     image, label, geometry = load_case(case)
     pre = preprocess(image)
     del image
-    bbox = tuple(pre.bbox)[-3:]
-    data = pre.data.astype(dtype, copy=False)
+    bbox = tuple(pre.bbox)
+    with np.errstate(over="ignore"):  # an overflow is reported below, with what to do about it
+        data = pre.data.astype(dtype, copy=False)
     if dtype == "float16" and not np.all(np.isfinite(data)):
-        raise DataError(f"{case.case_id}: z-scored intensities overflow float16; use dtype='float32'")
-    _atomic_write(cache_dir / names["image"], lambda f: np.save(f, data))
+        raise DataError(
+            f"{case.case_id}: some z-scored intensities are beyond the float16 range of the cache (|z| > 65504), "
+            "so the scan holds extreme outlier voxels; check its image files, fix or remove the case, then "
+            f"{RERUN} ({case.files[0].parent})"
+        )
+    atomic_write(cache_dir / names["image"], lambda f: np.save(f, data))
     del pre, data
 
     counts: dict[str, int] = {}
@@ -166,10 +167,10 @@ def _cache_case(case: Case, cache_dir: Path, dtype: str, max_locations: int) -> 
         values, n = np.unique(label, return_counts=True)
         counts = {str(int(v)): int(c) for v, c in zip(values, n)}
         locations = _sample_locations(label, case.case_id, max_locations)
-        _atomic_write(cache_dir / names["label"], lambda f: np.save(f, label))
+        atomic_write(cache_dir / names["label"], lambda f: np.save(f, label))
     else:
         (cache_dir / names["label"]).unlink(missing_ok=True)
-    _atomic_write(cache_dir / names["locations"], lambda f: np.savez(f, **locations))
+    atomic_write(cache_dir / names["locations"], lambda f: np.savez(f, **locations))
 
     meta = {
         "format": CACHE_FORMAT,
@@ -178,16 +179,16 @@ def _cache_case(case: Case, cache_dir: Path, dtype: str, max_locations: int) -> 
         "has_label": label is not None,
         "dtype": dtype,
         "max_locations": max_locations,
-        "full_shape": [int(s) for s in geometry.shape[:3]],
+        "full_shape": [int(s) for s in geometry.shape],
         "bbox": [[int(s.start), int(s.stop)] for s in bbox],
         "cropped_shape": [int(s.stop - s.start) for s in bbox],
-        "spacing": [float(z) for z in tuple(geometry.zooms)[:3]],
+        "spacing": [float(z) for z in geometry.zooms],
         "affine": np.asarray(geometry.affine, dtype=float).tolist(),
         "label_counts": counts,
         "files": {k: v for k, v in names.items() if k != "json" and (k != "label" or label is not None)},
         "source": stamps,
     }
-    _atomic_write(json_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write(json_path, json.dumps(meta, indent=1))
     return json_path, True
 
 
@@ -211,10 +212,11 @@ def preprocess_dataset(
         max_locations: Most tumour voxel coordinates stored per label and case.
 
     Returns:
-        The JSON path of each case, in the order of ``cases``.
+        The JSON path of each case, in the order of ``cases``; the index ``cases.json`` lists their ids.
 
     Raises:
-        DataError: A case cannot be read (the message names the case and file) or case ids repeat.
+        DataError: A case cannot be read (the message names the case and file), case ids repeat, or a case id
+            would overwrite the index or the provenance marker.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
@@ -226,8 +228,12 @@ def preprocess_dataset(
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise DataError(f"case ids must be unique; repeated: {repeated[:10]}")
+    reserved = sorted(i for i in ids if f"{i}.json" in (INDEX, MARKER))
+    if reserved:
+        raise DataError(f"case ids {reserved} clash with the cache's own files {INDEX} and {MARKER}; rename them")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / INDEX).unlink(missing_ok=True)  # until this run completes, the cache holds no usable dataset
 
     results: dict[str, Path] = {}
     done = 0
@@ -252,72 +258,91 @@ def preprocess_dataset(
                         results[futures[fut].case_id], fresh = fut.result()
                         done += fresh
                         bar.update()
+    atomic_write(cache_dir / INDEX, json.dumps({"format": CACHE_FORMAT, "cases": ids}, indent=1))
     logger.info("cached %d cases in %s (%d processed, %d up to date)", len(cases), cache_dir, done, len(cases) - done)
     return [results[i] for i in ids]
 
 
-def _read_record(json_path: Path) -> dict | None:
-    """The cache record in ``json_path``, or ``None`` for a JSON file that is not one (e.g. a marker)."""
+def _read_index(cache_dir: Path) -> list[str]:
+    """The case ids listed in the cache's index."""
+    path = cache_dir / INDEX
+    if not path.is_file():
+        raise DataError(
+            f"no cached cases in {cache_dir} (no index {INDEX}: it was never preprocessed, or a preprocess run "
+            f"did not finish); {RERUN}"
+        )
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable cache index {path}: {exc}; {RERUN}") from exc
+    if not isinstance(index, dict):
+        index = {}
+    ids = index.get("cases")
+    if index.get("format") != CACHE_FORMAT or not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise DataError(f"{path} is not a cache index of format {CACHE_FORMAT}; {RERUN}")
+    if not ids:
+        raise DataError(f"no cached cases in {cache_dir} (its index lists none); {RERUN} on a folder with cases")
+    return ids
+
+
+def _load_one(cache_dir: Path, case_id: str) -> CachedCase:
+    json_path = cache_dir / _file_names(case_id)["json"]
     try:
         meta = json.loads(json_path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{json_path.stem}: unreadable cache record: {exc} ({json_path})") from exc
-    if not isinstance(meta, dict) or "case_id" not in meta or "format" not in meta:
-        return None
-    return meta
-
-
-def _load_one(json_path: Path, meta: dict) -> CachedCase:
-    folder = json_path.parent
-    case_id = meta["case_id"]
-    if meta["format"] != CACHE_FORMAT:
+        raise DataError(f"{case_id}: incomplete cache: unreadable case record: {exc}; {RERUN} ({json_path})") from exc
+    if not isinstance(meta, dict) or meta.get("case_id") != case_id:
+        raise DataError(f"{case_id}: {json_path.name} is not this case's cache record; {RERUN} ({json_path})")
+    if meta.get("format") != CACHE_FORMAT:
         raise DataError(
-            f"{case_id}: cache format {meta['format']!r}, expected {CACHE_FORMAT}; "
-            f"run preprocess_dataset again ({json_path})"
+            f"{case_id}: cache format {meta.get('format')!r}, expected {CACHE_FORMAT}; {RERUN} ({json_path})"
         )
     files = meta.get("files", {})
     try:
-        image = np.load(folder / files["image"], mmap_mode="r")
-        label = np.load(folder / files["label"], mmap_mode="r") if "label" in files else None
-        with np.load(folder / files["locations"]) as npz:
+        image = np.load(cache_dir / files["image"], mmap_mode="r")
+        label = np.load(cache_dir / files["label"], mmap_mode="r") if "label" in files else None
+        with np.load(cache_dir / files["locations"]) as npz:
             locations = {int(k): npz[k] for k in npz.files}
     except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"{case_id}: incomplete cache: {exc}; run preprocess_dataset again ({folder})") from exc
+        raise DataError(f"{case_id}: incomplete cache: {exc}; {RERUN} ({cache_dir})") from exc
     if image.ndim != 4 or (label is not None and label.shape != image.shape[1:]):
         raise DataError(
             f"{case_id}: cached image {image.shape} and label {None if label is None else label.shape} "
-            f"do not match ({folder})"
+            f"do not match; {RERUN} ({cache_dir})"
         )
     return CachedCase(case_id=case_id, image=image, label=label, locations=locations, meta=meta)
 
 
 def load_cached(cache_dir: Path | str, case_ids: Sequence[str] | None = None) -> list[CachedCase]:
-    """Open the cached cases of ``cache_dir`` (memory-mapped, read-only).
+    """Open the cases of the last :func:`preprocess_dataset` run into ``cache_dir`` (memory-mapped, read-only).
+
+    Only the cases listed in the index ``cases.json`` are opened: files left in the folder by an earlier run on
+    other data are ignored.
 
     Args:
-        cache_dir: A folder written by :func:`preprocess_dataset`.
-        case_ids: Only these cases, in this order (e.g. a training split); default all, sorted by id.
+        cache_dir: A folder written by :func:`preprocess_dataset` (``python -m training preprocess``).
+        case_ids: Only these indexed cases, in this order (e.g. a training split); default all, sorted by id.
 
     Raises:
-        DataError: The folder is missing or holds no cached case, a requested case is not cached, or a
-            case's files are incomplete. JSON files that are not case records (such as a provenance
-            marker) are ignored.
+        DataError: The folder is missing or has no index (never preprocessed, or the run did not finish), a
+            requested case is not in the index, or a case's files are incomplete; each message says to run
+            ``python -m training preprocess DATA CACHE``.
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        raise DataError(f"cache folder {cache_dir} does not exist; run `python -m training preprocess DATA CACHE` first")
-    available: dict[str, tuple[Path, dict]] = {}
-    for path in sorted(cache_dir.glob("*.json")):
-        meta = None if path.name.startswith(".") else _read_record(path)
-        if meta is not None:
-            available[meta["case_id"]] = (path, meta)
-    if not available:
-        raise DataError(f"no cached cases in {cache_dir}; run `python -m training preprocess DATA CACHE` first")
+        raise DataError(
+            f"cache folder {cache_dir} does not exist; run `python -m training preprocess DATA CACHE` first"
+        )
+    indexed = _read_index(cache_dir)
     if case_ids is None:
-        wanted = sorted(available)
+        wanted = sorted(indexed)
     else:
         wanted = list(case_ids)
-        missing = [c for c in wanted if c not in available]
+        known = set(indexed)
+        missing = [c for c in wanted if c not in known]
         if missing:
-            raise DataError(f"{len(missing)} requested cases are not cached in {cache_dir}: {missing[:10]}")
-    return [_load_one(*available[c]) for c in wanted]
+            raise DataError(
+                f"{len(missing)} requested cases are not cached in {cache_dir}: {missing[:10]}; "
+                f"preprocess the data that holds them with `python -m training preprocess DATA CACHE`"
+            )
+    return [_load_one(cache_dir, c) for c in wanted]

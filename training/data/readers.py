@@ -25,13 +25,16 @@ from typing import Literal
 
 import numpy as np
 
-from service.core.labels import MODALITIES, LabelError, check_labels, msd_to_brats
+from service.core.labels import MODALITIES, MSD_TO_BRATS, msd_to_brats
 from service.core.nifti import Geometry, NiftiError, load_label, load_volume
 
 logger = logging.getLogger(__name__)
 
 AFFINE_ATOL = 1e-3
 """Largest absolute difference allowed between the affines of one case's volumes (as the service)."""
+
+MSD_LABEL_VALUES = tuple(MSD_TO_BRATS)
+"""Values of an MSD Task01 label file (0, 1, 2, 3): background, edema, non-enhancing tumour, enhancing tumour."""
 
 BRATS_CASE_RE = re.compile(r"^BraTS20_(Training|Validation|Testing)_\d+$")
 MSD_CASE_RE = re.compile(r"^(BRATS_\d+)\.nii(\.gz)?$")
@@ -257,35 +260,30 @@ def find_cases(root: Path | str) -> list[Case]:
 
 
 def _same_grid(case_id: str, ref: Geometry, ref_path: Path, geom: Geometry, path: Path) -> None:
-    if tuple(geom.shape[:3]) != tuple(ref.shape[:3]):
-        raise DataError(
-            f"{case_id}: shape {tuple(geom.shape[:3])} differs from {tuple(ref.shape[:3])} of {ref_path.name} ({path})"
-        )
-    if not np.allclose(geom.affine, ref.affine, rtol=0.0, atol=AFFINE_ATOL):
-        diff = float(np.max(np.abs(np.asarray(geom.affine) - np.asarray(ref.affine))))
-        raise DataError(
-            f"{case_id}: affine differs from {ref_path.name}'s by up to {diff:.3g} (allowed {AFFINE_ATOL}) ({path})"
-        )
+    """Raise a DataError unless ``geom`` lies on ``ref``'s grid (same shape, affine within AFFINE_ATOL)."""
+    if ref.allclose(geom, atol=AFFINE_ATOL):
+        return
+    if geom.shape != ref.shape:
+        raise DataError(f"{case_id}: shape {geom.shape} differs from {ref.shape} of {ref_path.name} ({path})")
+    diff = float(np.max(np.abs(geom.affine - ref.affine)))
+    raise DataError(
+        f"{case_id}: affine differs from {ref_path.name}'s by up to {diff:.3g} (allowed {AFFINE_ATOL}) ({path})"
+    )
 
 
-def _read(case_id: str, path: Path, reader, **kwargs):
+def _read(case_id: str, path: Path, reader, *, what: str = "", **kwargs):
+    """``reader(path, **kwargs)`` with its errors as DataError ``"CASE: {what}problem (file)"``."""
     try:
         return reader(path, **kwargs)
     except NiftiError as exc:
-        raise DataError(f"{case_id}: {exc.reason} ({path})") from exc
+        raise DataError(f"{case_id}: {what}{exc.reason} ({path})") from exc
     except (OSError, EOFError) as exc:
-        raise DataError(f"{case_id}: cannot read the file: {exc} ({path})") from exc
+        raise DataError(f"{case_id}: {what}cannot read the file: {exc} ({path})") from exc
 
 
 def _msd_label(case_id: str, path: Path) -> tuple[np.ndarray, Geometry]:
-    raw, geom = _read(case_id, path, load_volume, ndim=3)
-    if not np.all(np.isfinite(raw)) or not np.array_equal(raw, np.round(raw)):
-        raise DataError(f"{case_id}: label holds non-integer values ({path})")
-    try:
-        check_labels(raw, (0, 1, 2, 3))
-        return msd_to_brats(raw), geom
-    except LabelError as exc:
-        raise DataError(f"{case_id}: MSD {exc} ({path})") from exc
+    raw, geom = _read(case_id, path, load_label, valid=MSD_LABEL_VALUES, what="MSD label file: ")
+    return msd_to_brats(raw), geom
 
 
 def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:

@@ -79,13 +79,6 @@ class PatchSampler:
             image, label = image[..., 0], label[..., 0]
         return image, label
 
-    def sample_batch(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """``batch_size`` patches stacked: ``(B, 4, *patch_size)`` float32 and ``(B, *patch_size)`` uint8."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-        pairs = [self.sample() for _ in range(batch_size)]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
     def _foreground_voxel(self, case: CachedCase) -> np.ndarray | None:
         present = [k for k in sorted(case.locations) if len(case.locations[k])]
         if not present:

@@ -23,15 +23,14 @@ bright on T2; the enhancing rim is the brightest thing on T1ce.
 Everything is deterministic given the seed (a :class:`numpy.random.Generator` per case), and case ``i`` of a
 dataset uses :func:`case_seed` ``(seed, i)``, so any case can be regenerated alone.
 
-Command line::
-
-    python -m training.data.synthetic OUT_DIR --n-cases 20 [--layout brats2020|msd] [--seed 0]
-        [--size 240 240 155] [--spacing 1 1 1] [--start-index 1]
+:func:`generate_dataset` writes cases to disk in the BraTS 2020 or MSD layout and marks the folder as synthetic
+(``SYNTHETIC.json``, :mod:`training.data.provenance`), so that a model trained on it says so in its card. From
+the command line: ``python -m training synth OUT [--cases 10] [--layout brats2020|msd] [--seed 0]
+[--size 240,240,155] [--spacing 1,1,1] [--start-index 1]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -43,11 +42,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from service.core.files import atomic_write
 from service.core.labels import MODALITIES, brats_to_msd
+from service.core.nifti import Geometry, save_image, save_mask
+from training.data.provenance import mark_synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -597,24 +598,15 @@ def make_case(
 # Files
 
 
-def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A NIfTI image with a fresh header: qform and sform both ``affine`` with code 1, mm units, no text."""
-    img = nib.Nifti1Image(data, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    img.header.set_data_dtype(data.dtype)
-    return img
-
-
-def _write_brats_case(root: Path, name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> Path:
+def _write_brats_case(root: Path, name: str, image: np.ndarray, label: np.ndarray, geometry: Geometry) -> Path:
+    """Write one case folder aside, then rename it into place (replacing an older case of the same name)."""
     final = root / name
     tmp = root / f".{name}.{uuid.uuid4().hex}.partial"
     tmp.mkdir()
     try:
         for m, modality in enumerate(MODALITIES):
-            nib.save(_nifti(image[m].astype(np.int16), affine), tmp / f"{name}_{modality}.nii.gz")
-        nib.save(_nifti(label, affine), tmp / f"{name}_seg.nii.gz")
+            save_image(image[m], geometry, tmp / f"{name}_{modality}.nii.gz", dtype=np.int16)
+        save_mask(label, geometry, tmp / f"{name}_seg.nii.gz")
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -624,15 +616,15 @@ def _write_brats_case(root: Path, name: str, image: np.ndarray, label: np.ndarra
     return final
 
 
-def _write_msd_case(root: Path, name: str, image: np.ndarray, label: np.ndarray, affine: np.ndarray) -> Path:
+def _write_msd_case(root: Path, name: str, image: np.ndarray, label: np.ndarray, geometry: Geometry) -> Path:
+    """Write the 4D image and the MSD label aside, then move them in, label first (cases are found by image)."""
     images, labels = root / "imagesTr", root / "labelsTr"
     tmp = root / f".{name}.{uuid.uuid4().hex}.partial"
     tmp.mkdir()
     try:
-        img4d = np.ascontiguousarray(np.moveaxis(image, 0, -1), dtype=np.float32)
-        nib.save(_nifti(img4d, affine), tmp / "image.nii.gz")
-        nib.save(_nifti(brats_to_msd(label), affine), tmp / "label.nii.gz")
-        os.replace(tmp / "label.nii.gz", labels / f"{name}.nii.gz")  # label first: cases are found by image
+        save_image(image, geometry, tmp / "image.nii.gz")  # (4, X, Y, Z) stored as (X, Y, Z, 4) float32
+        save_mask(brats_to_msd(label), geometry, tmp / "label.nii.gz")
+        os.replace(tmp / "label.nii.gz", labels / f"{name}.nii.gz")
         os.replace(tmp / "image.nii.gz", images / f"{name}.nii.gz")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -659,9 +651,7 @@ def _write_msd_dataset_json(root: Path) -> None:
         "training": [{"image": f"./imagesTr/{n}", "label": f"./labelsTr/{n}"} for n in names],
         "test": [],
     }
-    tmp = root / f".dataset.json.{uuid.uuid4().hex}.partial"
-    tmp.write_text(json.dumps(meta, indent=4) + "\n")
-    os.replace(tmp, root / "dataset.json")
+    atomic_write(root / "dataset.json", json.dumps(meta, indent=4) + "\n")
 
 
 def generate_dataset(
@@ -682,6 +672,11 @@ def generate_dataset(
     BRATS_NNN.nii.gz`` (4D float32, FLAIR, T1w, T1gd, T2w), ``labelsTr/BRATS_NNN.nii.gz`` (MSD labels: 1 edema,
     2 non-enhancing/necrotic, 3 enhancing) and ``dataset.json`` listing every complete case in the folder.
 
+    Before any case, ``out_dir/SYNTHETIC.json`` is written (:func:`training.data.provenance.mark_synthetic`,
+    with ``seed``, ``n_cases``, ``start_index``, ``size``, ``spacing`` and ``layout`` of this call), so even an
+    interrupted run leaves data that says it is synthetic; ``preprocess`` carries the marker into the cache and
+    the model card of a model trained on it says so.
+
     Case number ``i`` is made by :func:`make_case` with :func:`case_seed` ``(seed, i)``, so it does not depend on
     ``n_cases`` or ``start_index``. Each case appears atomically (written aside, then renamed), so an
     interrupted run leaves only whole cases; an existing case of the same name is replaced.
@@ -700,6 +695,15 @@ def generate_dataset(
     size_t, spacing_a = _check_grid(size, spacing)
 
     out = Path(out_dir)
+    mark_synthetic(
+        out,
+        seed=int(seed),
+        n_cases=int(n_cases),
+        start_index=int(start_index),
+        size=list(size_t),
+        spacing=[float(s) for s in spacing_a],
+        layout=layout,
+    )
     if layout == "brats2020":
         root = out / BRATS_DIR
         root.mkdir(parents=True, exist_ok=True)
@@ -716,44 +720,13 @@ def generate_dataset(
             range(start_index, start_index + n_cases), disable=not progress, desc="synthetic cases", unit="case"
         ):
             image, label, affine = make_case(case_seed(seed, index), size=size_t, spacing=tuple(spacing_a))
+            geometry = Geometry.from_affine(size_t, affine)
             if layout == "brats2020":
-                written.append(_write_brats_case(root, f"BraTS20_Training_{index:03d}", image, label, affine))
+                written.append(_write_brats_case(root, f"BraTS20_Training_{index:03d}", image, label, geometry))
             else:
-                written.append(_write_msd_case(root, f"BRATS_{index:03d}", image, label, affine))
+                written.append(_write_msd_case(root, f"BRATS_{index:03d}", image, label, geometry))
     finally:
         if layout == "msd":
             _write_msd_dataset_json(root)
     logger.info("wrote %d synthetic cases (%s) under %s", len(written), layout, root)
     return written
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(description="Write synthetic BraTS 2020-like cases.")
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--n-cases", type=int, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--layout", choices=LAYOUTS, default="brats2020")
-    parser.add_argument("--size", type=int, nargs=3, default=list(DEFAULT_SIZE), metavar=("X", "Y", "Z"))
-    parser.add_argument(
-        "--spacing", type=float, nargs=3, default=list(DEFAULT_SPACING), metavar=("SX", "SY", "SZ")
-    )
-    parser.add_argument("--start-index", type=int, default=1)
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    generate_dataset(
-        args.out_dir,
-        args.n_cases,
-        seed=args.seed,
-        layout=args.layout,
-        size=tuple(args.size),
-        spacing=tuple(args.spacing),
-        start_index=args.start_index,
-        progress=not args.no_progress,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
