@@ -27,13 +27,14 @@ demo: setup
 	$(PY) -m training evaluate --model models/resunet.onnx --data data/demo --out runs/demo/resunet
 
 # Demo models: synthetic data, both networks, export and evaluation on unseen cases (see README).
-DEMO_TRAIN := --channels 8,16,32,64 --patch-size 64,64,64 --batch-size 2 --epochs 8 --iterations 100 \
-              --val-interval 4 --val-max-cases 2 --schedule cosine --lr 3e-3 --seed 0
+DEMO_TRAIN := --channels 8,16,32,64,128 --patch-size 64,64,64 --batch-size 2 --epochs 14 --iterations 200 \
+              --val-interval 7 --val-max-cases 3 --schedule cosine --lr 3e-3 --seed 0
 models: setup
 	$(PY) -m training synth data/synth-train --cases 40 --seed 1 --start-index 1
 	$(PY) -m training synth data/synth-test --cases 10 --seed 2 --start-index 401
 	$(PY) -m training preprocess data/synth-train data/cache/synth-train
 	for arch in unet resunet; do \
+	  rm -rf runs/$$arch && \
 	  $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch --arch $$arch $(DEMO_TRAIN) && \
 	  $(PY) -m training export --checkpoint runs/$$arch/checkpoint_best.pt --name $$arch --models-dir models && \
 	  $(PY) -m training evaluate --model models/$$arch.onnx --data data/synth-test --out runs/$$arch/eval --update-card \

@@ -65,7 +65,12 @@ class TestExportedModel:
             expected = model.eval()(x).numpy()
         got = run_ort(path, x.numpy())
         assert got.shape == expected.shape == (1, 3, *CASES[key][3])
-        assert np.max(np.abs(got - expected)) <= 1e-4
+        assert np.max(np.abs(got - expected)) <= 1e-4  # random weights: logits of order 1, an absolute 1e-4
+
+    def test_card_records_the_parity_check(self, exported, key):
+        _, card, _ = exported[key]
+        parity = card.training["onnx_parity"]
+        assert parity["max_abs_logit_difference"] <= 1e-4 and parity["atol"] == 1e-4 and parity["input"][0] == 2
 
     def test_axes_are_dynamic(self, exported, key):
         _, card, path = exported[key]
@@ -172,7 +177,7 @@ class TestExportBehaviour:
                 return self.head(x) + float(self.calls)
 
         card = card_for("drift", "unet", {}, 3, (8, 8, 8), 15, {})
-        expected = r"differs from PyTorch by 1 \(> atol 0.0001\).*eval mode.*report it.*nothing was written"
+        expected = r"differs from PyTorch by 1 \(> atol 0.0001 \+ rtol 1e-05 x max\|logit\|.*eval mode.*report it.*nothing was written"
         with pytest.raises(ExportError, match=expected):
             export_onnx(Drifting(), tmp_path / "drift.onnx", card=card, check_shape=(8, 8, 16))
         assert list(tmp_path.iterdir()) == []
