@@ -12,15 +12,16 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,dev]'
+	$(PY) -m pip install --quiet -e '.[service,train,dev]'
 	touch $@
 
-run: demo
+run: setup
+	$(PY) -m service
 
 test: setup
 	$(PY) -m pytest -q
 
-# The main job until the service lands: segment fresh synthetic cases with the shipped models.
+# Segment fresh synthetic cases with the shipped models, without the service.
 demo: setup
 	$(PY) -m training synth data/demo --cases 2 --seed 999 --start-index 901
 	$(PY) -m training evaluate --model models/unet.onnx --data data/demo --out runs/demo/unet
@@ -28,11 +29,11 @@ demo: setup
 
 # Demo models: synthetic data, both networks, export and evaluation on unseen cases (see README).
 DEMO_TRAIN := --channels 8,16,32,64,128 --patch-size 64,64,64 --batch-size 2 --epochs 14 --iterations 200 \
-              --val-interval 7 --val-max-cases 3 --schedule cosine --lr 3e-3 --seed 0
+              --val-interval 14 --val-max-cases 3 --schedule cosine --lr 3e-3 --seed 0
 models: setup
-	$(PY) -m training synth data/synth-train --cases 40 --seed 1 --start-index 1
-	$(PY) -m training synth data/synth-test --cases 10 --seed 2 --start-index 401
-	$(PY) -m training preprocess data/synth-train data/cache/synth-train
+	$(PY) -m training synth data/synth-train --cases 40 --seed 1 --start-index 1 & train=$$!; \
+	$(PY) -m training synth data/synth-test --cases 10 --seed 2 --start-index 401 && wait $$train
+	$(PY) -m training preprocess data/synth-train data/cache/synth-train --workers 2
 	for arch in unet resunet; do \
 	  rm -rf runs/$$arch && \
 	  $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch --arch $$arch $(DEMO_TRAIN) && \

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--max-cases", type=int, default=0, help="evaluate at most N cases (0: all)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per network call (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--update-card", action="store_true",
                    help="write the result into the model card's `validation` (single model only)")
     return parser
@@ -223,7 +224,7 @@ def _evaluate(args, command: str) -> int:
     if args.update_card and len(args.model) != 1:
         raise ValueError("--update-card takes exactly one --model (an ensemble has no card of its own)")
     summary = evaluate(args.model, args.data, args.out, tta=args.tta, overlap=args.overlap,
-                       max_cases=args.max_cases, threads=args.threads)
+                       max_cases=args.max_cases, threads=args.threads, batch_size=args.batch_size)
     print(json.dumps({k: summary[k] for k in ("cases", "dice", "hd95_mm", "seconds_per_case")}))
     if args.update_card:
         update_card(args.model[0], validation=card_validation(summary))

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *, tta: bool = False,
-             overlap: float = 0.5, max_cases: int = 0, threads: int | None = None, progress: bool = True) -> dict:
+             overlap: float = 0.5, max_cases: int = 0, threads: int | None = None, batch_size: int = 1,
+             progress: bool = True) -> dict:
     """Segment every labelled case under ``data`` and score it against its ground truth.
 
     Several model paths form an ensemble (averaged probabilities). Writes ``out/cases.csv`` (one row per
@@ -33,7 +34,7 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
         The summary dictionary written to ``summary.json``.
     """
     models = [OnnxModel(Path(p), intra_op_threads=threads) for p in model_paths]
-    engine = Engine(models, overlap=overlap)
+    engine = Engine(models, overlap=overlap, batch_size=batch_size)
     cases = [case for case in find_cases(data) if case.label is not None]
     if not cases:
         raise ValueError(f"{data}: no labelled cases to evaluate; give a folder of cases with segmentations")

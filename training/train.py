@@ -253,7 +253,10 @@ def train(config: TrainConfig, *, resume: bool = False, command: str = "", stop_
     runtime = _init_runtime(config)
     out = Path(config.out)
     try:
-        return _train(config, runtime, out, resume=resume, command=command, stop_after=stop_after)
+        result = _train(config, runtime, out, resume=resume, command=command, stop_after=stop_after)
+        if runtime.world_size > 1:
+            dist.barrier()  # no rank tears its connections down while another still uses them
+        return result
     finally:
         if runtime.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

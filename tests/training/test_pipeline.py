@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +34,6 @@ def _run_cli(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Com
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "training", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,7 @@ class TestDistributed:
         run = tmp_path / "ddp"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         result = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "-m", "training", "train", "--cache", str(tiny_cache), "--out", str(run), "--epochs", "2",
              "--iterations", "3", *TINY_3D],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,

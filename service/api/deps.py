@@ -1,0 +1,104 @@
+"""Typed dependencies that hand routes what they need: settings, the model registry, the request id, and
+the API key check.
+
+Everything comes from ``app.state`` (set by :func:`service.main.create_app`), never from module globals, so
+that tests can build apps with their own settings side by side.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from service.api.errors import ProblemError
+from service.observability import Metrics
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+API_KEY_HEADER = "X-API-Key"
+WWW_AUTHENTICATE = {"WWW-Authenticate": "ApiKey"}
+
+_api_key_header = APIKeyHeader(
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description="One of the keys configured in BRATS_API_KEYS (only needed when keys are configured).",
+)
+
+
+def get_app_settings(request: Request) -> Settings:
+    """The settings the app was created with."""
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    """The app's model registry (built by ``create_app``, loaded by the lifespan)."""
+    return request.app.state.registry
+
+
+def get_metrics(request: Request) -> Metrics:
+    """The app's Prometheus collectors."""
+    return request.app.state.metrics
+
+
+def get_request_id(request: Request) -> str:
+    """The id of this request (also in ``X-Request-ID`` and in every log line)."""
+    return str(getattr(request.state, "request_id", "-"))
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RequestIdDep = Annotated[str, Depends(get_request_id)]
+
+
+def key_is_valid(given: str | None, keys: list[str]) -> bool:
+    """Whether ``given`` equals one of ``keys``, compared in constant time against every key (no early exit,
+    so the timing reveals neither which key matched nor how much of it)."""
+    if given is None:
+        return False
+    candidate = given.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key.encode("utf-8"))
+    return matched
+
+
+def check_api_key(settings: Settings, given: str | None) -> None:
+    """Raise a 401 problem (with ``WWW-Authenticate: ApiKey``) unless keys are off or ``given`` is one."""
+    if not settings.api_keys:
+        return
+    if given is None or given == "":
+        raise ProblemError(
+            401, "API key required",
+            f"This service requires an API key: send it in the {API_KEY_HEADER} header.",
+            headers=WWW_AUTHENTICATE,
+        )
+    if not key_is_valid(given, settings.api_keys):
+        raise ProblemError(
+            401, "Invalid API key",
+            f"The {API_KEY_HEADER} header does not hold a valid API key; check the key you were given.",
+            headers=WWW_AUTHENTICATE,
+        )
+
+
+async def require_api_key(settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    """Dependency: a valid ``X-API-Key`` when ``BRATS_API_KEYS`` is set (always, for ``POST /segment``)."""
+    check_api_key(settings, api_key)
+
+
+async def require_metadata_key(
+    settings: SettingsDep, api_key: Annotated[str | None, Security(_api_key_header)]
+) -> None:
+    """Dependency for ``/models`` and ``/metrics``: a valid key when keys are set and
+    ``BRATS_PROTECT_METADATA`` is true; open otherwise."""
+    if settings.protect_metadata:
+        check_api_key(settings, api_key)
+
+
+ApiKeyDep = Depends(require_api_key)
+"""For ``dependencies=[ApiKeyDep]`` on a route or router."""
+
+MetadataKeyDep = Depends(require_metadata_key)

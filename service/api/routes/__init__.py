@@ -1,0 +1,1 @@
+"""One router per resource: ``segment`` (POST /segment), ``models``, ``health`` (/healthz, /readyz), ``metrics``."""

@@ -1,0 +1,30 @@
+"""``GET /healthz`` (liveness) and ``GET /readyz`` (readiness).
+
+Both are plain coroutines that touch neither the inference executor nor a thread pool, so they answer
+promptly while inference saturates the CPU.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.api.deps import RegistryDep
+from service.api.errors import PROBLEM_JSON, ProblemError
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="Liveness: 200 while the process serves")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness: 200 once every configured model is loaded",
+    responses={503: {"content": {PROBLEM_JSON: {}}, "description": "Not ready; `detail` says why."}},
+)
+async def readyz(registry: RegistryDep) -> dict[str, object]:
+    if not registry.ready:
+        raise ProblemError(503, "Not ready", f"The service is not ready: {registry.reason}")
+    return {"status": "ready", "models": registry.names, "default": registry.default}

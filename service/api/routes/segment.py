@@ -1,0 +1,298 @@
+"""``POST /segment``: NIfTI parts in, BraTS labels out (SPEC section 2).
+
+The route translates: it resolves the model, receives the upload (:mod:`service.api.uploads`), runs
+:func:`segment_upload` (decode, segment, metrics, encode) as one job on the registry's bounded executor, so
+that the whole CPU-heavy part counts toward the concurrency limit and never runs on the event loop, and
+turns the result into JSON or a ``.nii.gz`` reply.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+
+from service.api.deps import RegistryDep, SettingsDep
+from service.api.errors import ProblemError
+from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, SegmentSummary
+from service.api.uploads import EXPECTED_PARTS, IMAGE_PART, LABEL_PART, Upload, received_upload
+from service.core.labels import MODALITIES
+from service.core.metrics import region_metrics, volumes_ml
+from service.core.nifti import Geometry, NiftiError, VolumeTooLargeError, load_label, load_volume, mask_to_bytes
+from service.inference.engine import Engine
+from service.registry import ModelRegistry, QueueFullError
+
+__all__ = ["router", "segment_upload", "SegmentOutcome"]
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(tags=["segmentation"])
+
+AFFINE_ATOL = 1e-3
+RETRY_AFTER_S = 1
+"""``Retry-After`` of a 503 for a full queue: retry soon, a slot frees when any inference ends."""
+
+_MULTIPART_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "description": EXPECTED_PARTS,
+                "properties": {
+                    **{m: {"type": "string", "format": "binary", "description": f"{m} (3D)"} for m in MODALITIES},
+                    IMAGE_PART: {"type": "string", "format": "binary", "description": "(X, Y, Z, 4) in channel order"},
+                    LABEL_PART: {"type": "string", "format": "binary", "description": "ground truth, labels 0/1/2/4"},
+                },
+            }
+        }
+    },
+}
+
+_PROBLEM = {"content": {"application/problem+json": {}}}
+_RESPONSES: dict[int | str, dict] = {
+    200: {
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON summary with the mask in base64 (format=json), or the mask as .nii.gz (format=nifti) "
+        "with the summary in the header X-Segment-Summary.",
+        "headers": {
+            "X-Segment-Summary": {
+                "description": "format=nifti only: the JSON summary without `mask`, compact.",
+                "schema": {"type": "string"},
+            }
+        },
+    },
+    **{
+        status: {**_PROBLEM, "description": text}
+        for status, text in {
+            400: "Unreadable or inconsistent input, or parts that break the rules.",
+            401: "Missing or wrong API key.",
+            408: "The body did not arrive in time.",
+            413: "Upload over the byte limit, or a volume over the voxel limit.",
+            415: "The body is not multipart/form-data.",
+            422: "Invalid query parameters (unknown model, format, ...).",
+            503: "Not ready, or the inference queue is full (see Retry-After).",
+        }.items()
+    },
+}
+
+
+@dataclass(frozen=True)
+class SegmentOutcome:
+    """What :func:`segment_upload` computed (everything but the model's identity and the total time).
+
+    ``timings_ms`` has ``decode``, ``preprocess``, ``inference`` and ``postprocess``; ``engine_s`` is the time
+    spent in :meth:`Engine.segment` (the ``brats_inference_duration_seconds`` observation).
+    """
+
+    geometry: Geometry
+    volumes_ml: dict[str, float]
+    metrics: dict[str, dict[str, float | None]] | None
+    mask: bytes
+    timings_ms: dict[str, float]
+    engine_s: float
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+def _read(part: str, path: Path, *, ndim: int, max_voxels: int | None) -> tuple[np.ndarray, Geometry]:
+    """Read one part (``label``: as BraTS labels), turning a NIfTI problem into a problem reply that names the
+    part, never the path."""
+    try:
+        if part == LABEL_PART:
+            return load_label(path, max_voxels=max_voxels)
+        return load_volume(path, ndim=ndim, max_voxels=max_voxels)
+    except VolumeTooLargeError as err:
+        raise ProblemError(
+            413,
+            "Volume Too Large",
+            f"part {part}: {err.reason}; ask the operator to raise BRATS_MAX_VOXELS if the volume is genuine",
+        ) from None
+    except NiftiError as err:
+        raise ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}") from None
+
+
+def _check_same_grid(part: str, geometry: Geometry, reference: Geometry, reference_part: str) -> None:
+    if geometry.shape != reference.shape:
+        raise ProblemError(
+            400,
+            "Mismatched volumes",
+            f"part {part} has shape {geometry.shape} but part {reference_part} has {reference.shape}; "
+            "all parts must lie on the same voxel grid",
+        )
+    if not geometry.allclose(reference, atol=AFFINE_ATOL):
+        worst = float(np.max(np.abs(geometry.affine - reference.affine)))
+        raise ProblemError(
+            400,
+            "Mismatched volumes",
+            f"the affine of part {part} differs from that of part {reference_part} by up to {worst:.4g} "
+            f"(allowed {AFFINE_ATOL:g} per element); all parts must be co-registered on the same voxel grid",
+        )
+
+
+def read_image(upload: Upload, *, max_voxels: int | None) -> tuple[np.ndarray, Geometry]:
+    """The image ``(4, X, Y, Z)`` float32 in ``MODALITIES`` order and its geometry, from either input form.
+
+    Raises:
+        ProblemError: 413 for a header over ``max_voxels``; 400 for an unreadable part, a 4D image without 4
+            channels, or modality parts that differ in shape or affine.
+    """
+    if upload.image_parts == (IMAGE_PART,):
+        data, geometry = _read(IMAGE_PART, upload.files[IMAGE_PART], ndim=4, max_voxels=max_voxels)
+        if data.shape[-1] != len(MODALITIES):
+            raise ProblemError(
+                400,
+                "Invalid NIfTI volume",
+                f"part {IMAGE_PART}: expected a 4D volume (X, Y, Z, {len(MODALITIES)}) with the channels "
+                f"{', '.join(MODALITIES)} on the last axis, got shape {data.shape}",
+            )
+        return np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32), geometry
+    first, *others = MODALITIES
+    data, reference = _read(first, upload.files[first], ndim=3, max_voxels=max_voxels)
+    channels = [data]
+    for part in others:
+        data, geometry = _read(part, upload.files[part], ndim=3, max_voxels=max_voxels)
+        _check_same_grid(part, geometry, reference, first)
+        channels.append(data)
+    return np.stack(channels).astype(np.float32, copy=False), reference
+
+
+def segment_upload(
+    upload: Upload, engine: Engine, *, tta: bool, max_voxels: int | None
+) -> SegmentOutcome:
+    """Decode the parts, segment, score against the label if any, and encode the mask (blocking; run in a
+    worker thread).
+
+    Raises:
+        ProblemError: for every input problem (400, 413); see :func:`read_image`.
+    """
+    start = time.perf_counter()
+    image, geometry = read_image(upload, max_voxels=max_voxels)
+    ground_truth = None
+    if upload.label is not None:
+        ground_truth, label_geometry = _read(LABEL_PART, upload.label, ndim=3, max_voxels=max_voxels)
+        _check_same_grid(LABEL_PART, label_geometry, geometry, upload.image_parts[0])
+    decoded = time.perf_counter()
+    result = engine.segment(image, tta=tta)
+    del image
+    segmented = time.perf_counter()
+    metrics = None if ground_truth is None else region_metrics(result.labels, ground_truth, geometry.zooms)
+    volumes = volumes_ml(result.labels, geometry.zooms)
+    mask = mask_to_bytes(result.labels, geometry)
+    end = time.perf_counter()
+    engine_ms = result.timings_ms
+    timings = {
+        "decode": 1000 * (decoded - start),
+        "preprocess": engine_ms.get("preprocess", 0.0),
+        "inference": engine_ms.get("inference", 0.0),
+        "postprocess": engine_ms.get("postprocess", 0.0) + 1000 * (end - segmented),
+    }
+    return SegmentOutcome(
+        geometry=geometry,
+        volumes_ml=volumes,
+        metrics=metrics,
+        mask=mask,
+        timings_ms=timings,
+        engine_s=segmented - decoded,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the route
+
+
+def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
+    if not registry.ready:
+        raise ProblemError(503, "Service Unavailable", f"the service is not ready: {registry.reason}")
+    name = registry.default if requested is None else requested
+    valid = registry.choices
+    if name not in valid:
+        raise ProblemError(
+            422,
+            "Unknown model",
+            f"query parameter 'model': {name[:60]!r} is not a loaded model; choose one of {', '.join(valid)} "
+            f"(or leave it out for the default, {registry.default})",
+        )
+    return name
+
+
+def _provider(engine: Engine) -> str:
+    providers = list(dict.fromkeys(model.provider for model in engine.models))
+    return "+".join(providers)
+
+
+def _ms(value: float) -> float:
+    return round(value, 1)
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    summary="Segment a brain tumour",
+    description="Upload either the four modalities (flair, t1, t1ce, t2) or one 4D image, optionally with a "
+    "ground-truth label; get BraTS 2020 labels back, with Dice and HD95 when a label was sent.",
+    responses=_RESPONSES,
+    openapi_extra={"requestBody": _MULTIPART_BODY},
+)
+async def segment(
+    request: Request,
+    query: Annotated[SegmentQuery, Query()],
+    settings: SettingsDep,
+    registry: RegistryDep,
+) -> Response | SegmentResponse:
+    started = time.perf_counter()
+    name = _resolve_model(query.model, registry)
+    request.state.model = name  # a label of the request metrics
+    engine = registry.engine(name)
+    async with received_upload(
+        request,
+        tmp_dir=settings.tmp_dir,
+        max_bytes=settings.max_upload_bytes,
+        timeout_s=settings.request_timeout_s,
+    ) as upload:
+        job = partial(segment_upload, upload, engine, tta=query.tta, max_voxels=settings.max_voxels)
+        try:
+            outcome: SegmentOutcome = await registry.run(job)
+        except QueueFullError as exc:
+            raise ProblemError(
+                503, "Service Unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from None
+        body_bytes = upload.body_bytes
+    registry.metrics.inference.labels(name).observe(outcome.engine_s)
+    geometry = outcome.geometry
+    timings = {key: _ms(value) for key, value in outcome.timings_ms.items()}
+    timings["total"] = _ms(1000 * (time.perf_counter() - started))
+    summary = SegmentSummary(
+        model=name,
+        model_sha256=engine.model_sha256,
+        provider=_provider(engine),
+        shape=geometry.shape,
+        spacing_mm=geometry.zooms,
+        labels=BRATS_LABELS,
+        volumes_ml=outcome.volumes_ml,
+        dice=None if outcome.metrics is None else outcome.metrics["dice"],
+        hd95_mm=None if outcome.metrics is None else outcome.metrics["hd95_mm"],
+        timing_ms=timings,
+    )
+    logger.info(
+        "segmented with %s (tta=%s, format=%s): shape %s, %d bytes in, timings %s",
+        name, query.tta, query.format, "x".join(map(str, geometry.shape)), body_bytes, timings,
+    )
+    if query.format == "nifti":
+        return Response(
+            content=outcome.mask,
+            media_type="application/gzip",
+            headers={
+                "Content-Disposition": 'attachment; filename="mask.nii.gz"',
+                "X-Segment-Summary": json.dumps(summary.model_dump(mode="json"), separators=(",", ":")),
+            },
+        )
+    return SegmentResponse(**summary.model_dump(), mask=base64.b64encode(outcome.mask).decode("ascii"))

@@ -1,0 +1,83 @@
+"""The FastAPI application: :func:`create_app` wires settings, the model registry, metrics, middleware,
+error handlers and one router per resource.
+
+Nothing is built at import time. ``python -m service`` creates the app from the environment; tests create
+apps with their own :class:`~service.settings.Settings`. The lifespan loads the models once, in a worker
+thread, before the first request is served; a folder without models still starts (``/readyz`` answers 503
+with the reason) unless ``BRATS_REQUIRE_MODELS`` is set.
+
+For an ASGI server of your own: ``uvicorn --factory service.main:create_app``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.deps import ApiKeyDep, MetadataKeyDep
+from service.api.errors import install_error_handlers
+from service.api.routes import health, metrics, models, segment
+from service.observability import Metrics, RequestContextMiddleware
+from service.registry import ModelRegistry
+from service.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Brain tumour segmentation of BraTS 2020 MRI (FLAIR, T1, T1ce, T2) with U-Net and ResU-Net
+models served by ONNX Runtime. Errors are RFC 9457 problem details (`application/problem+json`). When API keys
+are configured, send one in the `X-API-Key` header."""
+
+
+class ModelsUnavailableError(RuntimeError):
+    """``BRATS_REQUIRE_MODELS`` is set and the models could not be loaded."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load the models (in a worker thread, unless already loaded) before serving; stop the executor after."""
+    registry: ModelRegistry = app.state.registry
+    settings: Settings = app.state.settings
+    if not registry.ready:
+        await asyncio.to_thread(registry.load)
+    if not registry.ready and settings.require_models:
+        raise ModelsUnavailableError(f"BRATS_REQUIRE_MODELS is set and {registry.reason}")
+    try:
+        yield
+    finally:
+        registry.close()
+
+
+def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the application.
+
+    Args:
+        settings: configuration; default :func:`~service.settings.get_settings` (the environment).
+        registry: a registry to serve (already loaded, or loaded by the lifespan); default a new one built
+            from ``settings``, sharing the app's metrics.
+    """
+    settings = settings if settings is not None else get_settings()
+    app_metrics = registry.metrics if registry is not None else Metrics()
+    registry = registry if registry is not None else ModelRegistry(settings, metrics=app_metrics)
+
+    app = FastAPI(
+        title="BraTS brain tumour segmentation",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = app_metrics
+
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=app_metrics)
+
+    app.include_router(segment.router, dependencies=[ApiKeyDep])
+    app.include_router(models.router, dependencies=[MetadataKeyDep])
+    app.include_router(metrics.router, dependencies=[MetadataKeyDep])
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,378 @@
+"""The deployment files agree with the project: docker-compose.yml, the Dockerfiles and .dockerignore.
+
+No docker engine is needed: the files are parsed and every path, setting name, port, route and module they
+refer to is checked against the code (``service.settings.Settings``, the app's routes, ``__main__`` modules).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from service.settings import Settings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+SERVICE_DOCKERFILE = ROOT / "docker" / "service.Dockerfile"
+TRAINER_DOCKERFILE = ROOT / "docker" / "trainer.Dockerfile"
+ENV_PREFIX = Settings.model_config["env_prefix"]
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+@dataclass
+class Dockerfile:
+    """The instructions of a Dockerfile, continuation lines joined, comments dropped."""
+
+    path: Path
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, path: Path) -> Dockerfile:
+        out = cls(path)
+        pending = ""
+        for raw in path.read_text().splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            line, pending = pending + line, ""
+            keyword, _, rest = line.partition(" ")
+            out.instructions.append((keyword.upper(), rest.strip()))
+        assert not pending, f"{path.name} ends inside a continued line"
+        return out
+
+    def all(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+    def last(self, keyword: str) -> str:
+        found = self.all(keyword)
+        assert found, f"{self.path.name} has no {keyword}"
+        return found[-1]
+
+    def env(self) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for rest in self.all("ENV"):
+            words = shlex.split(rest)
+            if words and "=" not in words[0]:  # legacy form: ENV NAME value
+                env[words[0]] = " ".join(words[1:])
+            else:
+                env.update(word.split("=", 1) for word in words)
+        return env
+
+    def copies(self) -> list[tuple[list[str], str]]:
+        """``(sources, destination)`` of each COPY/ADD from the build context (not ``--from`` a stage)."""
+        result = []
+        for rest in self.all("COPY") + self.all("ADD"):
+            words = json.loads(rest) if rest.startswith("[") else shlex.split(rest)
+            if any(w.startswith("--from") for w in words):
+                continue
+            words = [w for w in words if not w.startswith("--")]
+            result.append((words[:-1], words[-1]))
+        return result
+
+    def workdir(self) -> str:
+        return self.last("WORKDIR")
+
+
+def exec_form(rest: str) -> list[str]:
+    """The argv of an exec-form (JSON) or shell-form instruction argument."""
+    return json.loads(rest) if rest.lstrip().startswith("[") else shlex.split(rest)
+
+
+def healthcheck_cmd(rest: str) -> list[str]:
+    """The command of ``HEALTHCHECK [OPTIONS] CMD ...``."""
+    _, sep, command = rest.partition("CMD ")
+    assert sep, f"HEALTHCHECK without CMD: {rest}"
+    return exec_form(command)
+
+
+def probe_url(argv: list[str]) -> str:
+    """The URL a healthcheck command fetches."""
+    urls = re.findall(r"https?://[^\s'\"]+", " ".join(argv))
+    assert len(urls) == 1, f"expected one URL in the healthcheck {argv}"
+    return urls[0]
+
+
+def python_module(argv: list[str]) -> str:
+    """``python -m MODULE ...`` -> ``MODULE``."""
+    assert argv[0] in ("python", "python3") and argv[1] == "-m", f"expected python -m MODULE, got {argv}"
+    return argv[2]
+
+
+def option(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def interpolate(value: object) -> object:
+    """A compose value with ``${NAME:-default}`` replaced by its default (what runs with nothing set)."""
+    if not isinstance(value, str):
+        return value
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "", value)
+
+
+def setting_env_names() -> set[str]:
+    return {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+
+
+def module_exists(module: str) -> bool:
+    """Whether ``python -m module`` finds code in the project (a package's ``__main__`` or a module)."""
+    base = ROOT.joinpath(*module.split("."))
+    return (base / "__main__.py").is_file() or base.with_suffix(".py").is_file()
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore drops ``path`` (or a folder above it) from the build context (last rule wins)."""
+    path = path.strip("/").removeprefix("./")
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        variants = {pattern, pattern.replace("**/", "")}
+        if any(fnmatch.fnmatchcase(p, v) for p in prefixes for v in variants):
+            result = not negate
+    return result
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def segmenter(compose) -> dict:
+    return compose["services"]["segmenter"]
+
+
+@pytest.fixture(scope="module")
+def service_df() -> Dockerfile:
+    return Dockerfile.parse(SERVICE_DOCKERFILE)
+
+
+@pytest.fixture(scope="module")
+def trainer_df() -> Dockerfile:
+    return Dockerfile.parse(TRAINER_DOCKERFILE)
+
+
+def compose_env(spec: dict) -> dict[str, object]:
+    env = spec.get("environment") or {}
+    if isinstance(env, list):  # - NAME=value / - NAME (passed through)
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+
+# ------------------------------------------------------------------------------------------ Dockerfiles
+
+
+class TestDockerfiles:
+    @pytest.mark.parametrize("path", [SERVICE_DOCKERFILE, TRAINER_DOCKERFILE], ids=lambda p: p.name)
+    def test_copied_paths_exist_and_reach_the_build_context(self, path):
+        patterns = dockerignore_patterns()
+        copies = Dockerfile.parse(path).copies()
+        assert copies
+        for sources, _ in copies:
+            for source in sources:
+                assert (ROOT / source).exists(), f"{path.name} copies {source}, which the project lacks"
+                assert not ignored(source, patterns), f"{path.name} copies {source}, which .dockerignore drops"
+
+    @pytest.mark.parametrize("path", [SERVICE_DOCKERFILE, TRAINER_DOCKERFILE], ids=lambda p: p.name)
+    def test_runs_as_a_non_root_user(self, path):
+        user = Dockerfile.parse(path).last("USER").split(":")[0]
+        assert user not in ("root", "0")
+
+    @pytest.mark.parametrize("path", [SERVICE_DOCKERFILE, TRAINER_DOCKERFILE], ids=lambda p: p.name)
+    def test_env_names_are_real_settings(self, path):
+        env = Dockerfile.parse(path).env()
+        ours = {name for name in env if name.startswith(ENV_PREFIX)}
+        assert ours <= setting_env_names(), f"unknown settings: {sorted(ours - setting_env_names())}"
+
+    def test_service_image_env_values_are_valid_settings(self, service_df, monkeypatch):
+        for name, value in service_df.env().items():
+            if name.startswith(ENV_PREFIX):
+                monkeypatch.setenv(name, value)
+        settings = Settings()
+        assert str(settings.models_dir) == service_df.env()["BRATS_MODELS_DIR"]
+
+    def test_service_image_ships_the_models_where_the_settings_look(self, service_df):
+        models_dir = service_df.env()["BRATS_MODELS_DIR"]
+        workdir = service_df.workdir()
+        destinations = {
+            str(Path(workdir, dest)) if not dest.startswith("/") else dest.rstrip("/")
+            for sources, dest in service_df.copies()
+            if sources == ["models"]
+        }
+        assert destinations == {models_dir}
+
+    def test_service_image_is_cuda12_with_cudnn_and_onnxruntime_gpu(self, service_df):
+        base = service_df.last("FROM")
+        assert re.match(r"nvidia/cuda:12\.\d+(\.\d+)?-cudnn[0-9]*-runtime-", base), base
+        installs = " ".join(service_df.all("RUN"))
+        assert "pip install \".[service]\"" in installs or "pip install '.[service]'" in installs
+        assert "pip uninstall -y onnxruntime" in installs and "onnxruntime-gpu" in installs
+
+    def test_service_cmd_port_matches_expose_and_healthcheck(self, service_df):
+        cmd = exec_form(service_df.last("CMD"))
+        assert python_module(cmd) == "service" and module_exists("service")
+        assert option(cmd, "--host") == "0.0.0.0"
+        port = option(cmd, "--port")
+        assert service_df.last("EXPOSE").split("/")[0] == port
+        url = urlsplit(probe_url(healthcheck_cmd(service_df.last("HEALTHCHECK"))))
+        assert url.hostname in ("127.0.0.1", "localhost") and str(url.port) == port
+        assert url.path == "/readyz"
+
+    def test_healthcheck_needs_only_python(self, service_df):
+        argv = healthcheck_cmd(service_df.last("HEALTHCHECK"))
+        assert argv[0] == "python" and "urllib.request" in argv[-1]
+        compile(argv[-1], "<healthcheck>", "exec")
+
+    def test_trainer_entrypoint_module_exists(self, trainer_df):
+        assert python_module(exec_form(trainer_df.last("ENTRYPOINT"))) == "training"
+        assert module_exists("training")
+
+
+# ------------------------------------------------------------------------------------------------ compose
+
+
+class TestCompose:
+    def test_build_files_exist(self, compose):
+        for name, spec in compose["services"].items():
+            build = spec["build"]
+            assert (ROOT / build["context"]).is_dir(), name
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
+
+    def test_segmenter_env_names_are_real_settings(self, segmenter):
+        names = set(compose_env(segmenter))
+        assert names and names <= setting_env_names(), f"unknown settings: {sorted(names - setting_env_names())}"
+
+    def test_segmenter_env_defaults_are_valid_settings(self, segmenter, monkeypatch):
+        for name in setting_env_names():
+            monkeypatch.delenv(name, raising=False)
+        for name, value in compose_env(segmenter).items():
+            if value is not None:  # None: passed through from the host's shell
+                monkeypatch.setenv(name, str(interpolate(value)))
+        settings = Settings()
+        assert settings.api_keys == []
+        assert str(settings.tmp_dir) == "/tmp"
+
+    def test_models_are_mounted_read_only_where_the_service_looks(self, segmenter):
+        models_dir = compose_env(segmenter)["BRATS_MODELS_DIR"]
+        mounts = [v.split(":") for v in segmenter["volumes"] if isinstance(v, str)]
+        models = [m for m in mounts if m[1] == models_dir]
+        assert len(models) == 1
+        source, _, mode = models[0]
+        assert (ROOT / source).resolve() == ROOT / "models" and (ROOT / source).is_dir()
+        assert mode == "ro"
+
+    def test_mount_sources_exist_or_are_generated_folders(self, compose):
+        generated = {line.strip().strip("/") for line in (ROOT / ".gitignore").read_text().splitlines()}
+        for name, spec in compose["services"].items():
+            for volume in spec.get("volumes", []):
+                source = volume.split(":")[0]
+                assert source.startswith("./"), f"{name}: {volume} is not a bind mount of a project folder"
+                folder = source.removeprefix("./").strip("/")
+                assert (ROOT / folder).is_dir() or folder in generated, f"{name}: {source} is missing"
+
+    def test_segmenter_command_port_healthcheck_agree_with_the_image(self, segmenter, service_df):
+        command = segmenter.get("command")
+        argv = exec_form(command) if isinstance(command, str) else command or exec_form(service_df.last("CMD"))
+        assert python_module(argv) == "service" and module_exists("service")
+        port = option(argv, "--port")
+        assert [str(p) for p in segmenter["ports"]] == [f"{port}:{port}"]
+        test = segmenter["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        assert probe_url(test[1:]) == probe_url(healthcheck_cmd(service_df.last("HEALTHCHECK")))
+
+    def test_segmenter_runs_hardened_and_restarts(self, segmenter):
+        assert segmenter["restart"] == "unless-stopped"
+        assert segmenter["read_only"] is True
+        tmpfs = [t.split(":")[0] for t in segmenter["tmpfs"]]
+        assert "/tmp" in tmpfs
+        assert compose_env(segmenter)["BRATS_TMP_DIR"] in tmpfs, "uploads must go to a writable tmpfs"
+        assert "profiles" not in segmenter, "the service starts with a plain `docker compose up`"
+
+    def test_segmenter_reserves_a_gpu(self, segmenter):
+        devices = segmenter["deploy"]["resources"]["reservations"]["devices"]
+        assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+    def test_trainer_stays_behind_the_train_profile(self, compose, trainer_df):
+        trainer = compose["services"]["trainer"]
+        assert trainer["profiles"] == ["train"]
+        assert trainer["build"]["dockerfile"] == "docker/trainer.Dockerfile"
+        argv = trainer.get("entrypoint") or exec_form(trainer_df.last("ENTRYPOINT"))
+        assert python_module(argv) == "training" and module_exists("training")
+
+
+# ---------------------------------------------------------------------------------------- the code side
+
+
+def test_healthcheck_route_exists():
+    from service.main import create_app
+
+    app = create_app(Settings(models_dir=ROOT / "no-such-models"))
+    paths = app.openapi()["paths"]
+    assert {"/segment", "/models", "/metrics", "/healthz"} <= set(paths)
+    assert "get" in paths["/readyz"]
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["ready", "no-models"])
+def test_healthcheck_command_follows_readiness(tmp_path, ready):
+    """The image's HEALTHCHECK command, pointed at a real server: healthy only once the models are loaded."""
+    from tests.service.support import build_models, start_server
+
+    models = build_models(tmp_path / "models") if ready else (tmp_path / "models")
+    models.mkdir(exist_ok=True)
+    argv = healthcheck_cmd(Dockerfile.parse(SERVICE_DOCKERFILE).last("HEALTHCHECK"))
+    url = probe_url(argv)
+    server = start_server(models, tmp_path)
+    try:
+        command = [sys.executable, *(a.replace(url, server.url + urlsplit(url).path) for a in argv[1:])]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    finally:
+        server.stop()
+    assert (result.returncode == 0) == ready, result.stderr
+
+
+def test_service_module_takes_host_and_port():
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--host" in result.stdout and "--port" in result.stdout
+
+
+def test_dockerignore_keeps_secrets_and_data_out():
+    patterns = dockerignore_patterns()
+    for path in (".git", ".venv", "data", "runs"):
+        assert ignored(path, patterns), f".dockerignore should drop {path}"
+    for path in ("pyproject.toml", "README.md", "service/client.py", "training/__main__.py", "models/unet.onnx"):
+        assert not ignored(path, patterns), f".dockerignore drops {path}, which an image needs"
+
+
+def test_dev_extra_has_pyyaml():
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.lower().startswith("pyyaml") for dep in extras["dev"])
