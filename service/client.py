@@ -273,7 +273,7 @@ class SegmentationClient:
             image: A 4D volume ``(X, Y, Z, 4)`` in the channel order flair, t1, t1ce, t2.
             label: An optional ground truth (BraTS labels): the summary then holds Dice and HD95.
             model: A name from :meth:`models` or ``"ensemble"``; ``None`` uses the service's default.
-            tta: Test-time augmentation by mirroring (8 flips averaged; about 8 times slower).
+            tta: Test-time augmentation by mirroring (8 flips averaged for 3D models, 4 for 2D; that many times slower).
             format: ``"nifti"`` (the mask comes as the body, the summary in a header) or ``"json"`` (the
                 mask comes base64-encoded inside the JSON); the result is the same.
 
@@ -415,7 +415,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="a BraTS case folder (CASE_{flair,t1,t1ce,t2}.nii[.gz]) or a 4D file")
     p.add_argument("--url", default=DEFAULT_URL, help=f"service root (default {DEFAULT_URL})")
     p.add_argument("--model", help="model name from GET /models, or 'ensemble' (default: the service's default)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (8x slower)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (8 flips for 3D models, 4 for 2D: that much slower)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--label", type=Path, help="ground-truth segmentation to score the mask against")
     group.add_argument("--score", action="store_true", help="score against the case folder's CASE_seg file")

@@ -91,6 +91,7 @@ class ModelRegistry:
                 providers=s.providers or None,
                 intra_op_threads=s.threads,
                 cudnn_conv_algo_search=s.cudnn_conv_algo_search,
+                gpu_mem_limit=s.gpu_mem_limit_bytes,
             )
         except ValueError as exc:
             self._not_ready(f"no models loaded: {exc}")
@@ -161,6 +162,13 @@ class ModelRegistry:
         """Calls waiting for an inference slot (the queue depth)."""
         return self._admitted - self._running
 
+    def check_capacity(self) -> None:
+        """Raise :class:`QueueFullError` now if a call to :meth:`run` would be refused (e.g. before an upload
+        is received, so that a busy service does not first take in a large body)."""
+        if self._admitted >= self.settings.max_concurrent + self.settings.max_queue:
+            self.metrics.rejected.inc()
+            raise QueueFullError(self._running, self.waiting)
+
     async def run(self, fn: Callable[..., T], *args: Any, model: str | None = None) -> T:
         """``fn(*args)`` in an inference thread, at most ``max_concurrent`` at a time.
 
@@ -178,10 +186,7 @@ class ModelRegistry:
         runs gets the cancellation at once, but the slot stays taken until the thread ends (a running ONNX
         Runtime call cannot be stopped), so the limit on concurrent inferences always holds.
         """
-        capacity = self.settings.max_concurrent + self.settings.max_queue
-        if self._admitted >= capacity:
-            self.metrics.rejected.inc()
-            raise QueueFullError(self._running, self.waiting)
+        self.check_capacity()
         self._admitted += 1
         self._update_gauges()
         try:

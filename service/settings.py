@@ -10,6 +10,7 @@ build :class:`Settings` directly (``create_app(Settings(models_dir=...))``).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -70,6 +71,9 @@ class Settings(BaseSettings):
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     """cuDNN convolution algorithm search on CUDA (``EXHAUSTIVE`` benchmarks on the first request)."""
 
+    gpu_mem_limit_bytes: int | None = Field(default=None, ge=1)
+    """Cap of ONNX Runtime's CUDA memory arena per model, in bytes; unset: no cap (CUDA only)."""
+
     overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
     """Sliding-window overlap between neighbouring tiles, in [0, 1)."""
 
@@ -108,6 +112,13 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("tmp_dir")
+    @classmethod
+    def _writable_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value.is_dir() and os.access(value, os.W_OK | os.X_OK)):
+            raise ValueError(f"{value} is not a writable folder; create it or point BRATS_TMP_DIR elsewhere")
+        return value
 
     @field_validator("default_model", mode="before")
     @classmethod

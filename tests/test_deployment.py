@@ -300,7 +300,7 @@ class TestCompose:
         argv = exec_form(command) if isinstance(command, str) else command or exec_form(service_df.last("CMD"))
         assert python_module(argv) == "service" and module_exists("service")
         port = option(argv, "--port")
-        assert [str(p) for p in segmenter["ports"]] == [f"{port}:{port}"]
+        assert [str(p) for p in segmenter["ports"]] == [f"127.0.0.1:{port}:{port}"]  # loopback by default
         test = segmenter["healthcheck"]["test"]
         assert test[0] == "CMD"
         assert probe_url(test[1:]) == probe_url(healthcheck_cmd(service_df.last("HEALTHCHECK")))

@@ -7,6 +7,7 @@ that tests can build apps with their own settings side by side.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -55,14 +56,19 @@ RequestIdDep = Annotated[str, Depends(get_request_id)]
 
 
 def key_is_valid(given: str | None, keys: list[str]) -> bool:
-    """Whether ``given`` equals one of ``keys``, compared in constant time against every key (no early exit,
-    so the timing reveals neither which key matched nor how much of it)."""
+    """Whether ``given`` equals one of ``keys``, compared in constant time against every key (no early exit;
+    fixed-length digests are compared, so the timing reveals neither which key matched, nor how much of it,
+    nor its length).
+
+    Header values arrive decoded as latin-1, so ``given`` is turned back into the bytes the client sent; a key
+    is compared as the UTF-8 bytes a client sends for it.
+    """
     if given is None:
         return False
-    candidate = given.encode("utf-8", "surrogateescape")
+    candidate = hashlib.sha256(given.encode("latin-1", "replace")).digest()
     matched = False
     for key in keys:
-        matched |= hmac.compare_digest(candidate, key.encode("utf-8"))
+        matched |= hmac.compare_digest(candidate, hashlib.sha256(key.encode("utf-8")).digest())
     return matched
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -314,7 +315,7 @@ def _check_header(
             "each must be a finite positive number of mm",
             path=path,
         )
-    nvox = int(np.prod(shape, dtype=np.int64))
+    nvox = math.prod(shape)  # Python integers: a huge claimed shape must not wrap around
     if max_voxels is not None and nvox > max_voxels:
         raise VolumeTooLargeError(
             f"the header declares {nvox} voxels (shape {shape}), more than the limit of {max_voxels}", path=path
@@ -328,8 +329,8 @@ def _read_image(path: PathLike, ndim: int | None, max_voxels: int | None) -> tup
         raise ValueError(f"ndim must be None or at least 3, got {ndim}")
     header = read_header(path)
     shape, dtype = _check_header(header, path, ndim, max_voxels)
-    offset = int(header.get_data_offset())
-    expected = offset + int(np.prod(_declared_shape(header, path), dtype=np.int64)) * dtype.itemsize
+    offset = _data_offset(header, path)
+    expected = offset + math.prod(_declared_shape(header, path)) * dtype.itemsize
     try:
         with open(path, "rb") as f:
             if _is_gzip(f):
@@ -354,6 +355,25 @@ def _read_image(path: PathLike, ndim: int | None, max_voxels: int | None) -> tup
     if not np.all(np.isfinite(img.affine)):
         raise NiftiError("the header's affine (qform/sform) holds non-finite numbers", path=path)
     return data.reshape(shape), img.header
+
+
+def _data_offset(header: NiftiHeader, path: PathLike) -> int:
+    """The header's ``vox_offset``, checked: finite, past the header itself, and not absurdly far."""
+    offset = float(header["vox_offset"])
+    if not math.isfinite(offset) or offset < header.sizeof_hdr or offset > 2**31:
+        raise NiftiError(
+            f"the header's vox_offset {offset} is invalid; expected where the voxel data starts, at least "
+            f"{header.sizeof_hdr}",
+            path=path,
+        )
+    return int(header.get_data_offset())
+
+
+def _geometry(header: NiftiHeader, path: PathLike) -> Geometry:
+    try:
+        return Geometry.from_header(header)
+    except (ValueError, OverflowError, HeaderDataError) as err:
+        raise NiftiError(f"the header's orientation (qform/sform) is invalid ({err})", path=path) from err
 
 
 def _check_finite(data: np.ndarray, path: PathLike) -> None:
@@ -389,7 +409,7 @@ def load_volume(
     data, header = _read_image(path, ndim, max_voxels)
     data = np.asarray(data, dtype=np.float32)
     _check_finite(data, path)
-    return data, Geometry.from_header(header)
+    return data, _geometry(header, path)
 
 
 def load_label(
@@ -417,7 +437,7 @@ def load_label(
         check_labels(data, valid)
     except LabelError as err:
         raise NiftiError(str(err), path=path) from err
-    return data.astype(np.uint8), Geometry.from_header(header)
+    return data.astype(np.uint8), _geometry(header, path)
 
 
 # --------------------------------------------------------------------------------------------- writing

@@ -81,13 +81,17 @@ def sigmoid(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
 
 
 def provider_list(
-    wanted: Sequence[str], available: Sequence[str], *, cudnn_conv_algo_search: str = "EXHAUSTIVE"
+    wanted: Sequence[str],
+    available: Sequence[str],
+    *,
+    cudnn_conv_algo_search: str = "EXHAUSTIVE",
+    gpu_mem_limit: int | None = None,
 ) -> list[str | tuple[str, dict[str, str]]]:
     """ONNX Runtime ``providers`` argument: ``wanted`` in order, those not ``available`` left out.
 
     CUDA gets its options: the cuDNN convolution algorithm search, and an arena that grows by what is
     asked for (``kSameAsRequested``) rather than doubling, so that large 3D activations do not reserve
-    twice their size.
+    twice their size, capped at ``gpu_mem_limit`` bytes when given.
     """
     if cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
         raise ValueError(
@@ -99,6 +103,8 @@ def provider_list(
             continue
         if name == "CUDAExecutionProvider":
             options = {"cudnn_conv_algo_search": cudnn_conv_algo_search, "arena_extend_strategy": "kSameAsRequested"}
+            if gpu_mem_limit is not None:
+                options["gpu_mem_limit"] = str(int(gpu_mem_limit))
             providers.append((name, options))
         else:
             providers.append(name)
@@ -129,6 +135,7 @@ class OnnxModel:
         intra_op_threads: threads per operator; ``None`` leaves ONNX Runtime's default (all cores).
         cudnn_conv_algo_search: ``"EXHAUSTIVE"`` (benchmark once per input shape; the patch and batch
             are fixed, so this is paid on the first call) or ``"HEURISTIC"`` (no benchmark), for CUDA.
+        gpu_mem_limit: cap of the CUDA memory arena in bytes (``None``: no cap).
 
     Raises:
         ValueError: naming the file, if the model or its card is missing or invalid, the card has no sha256
@@ -144,6 +151,7 @@ class OnnxModel:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
+        gpu_mem_limit: int | None = None,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -168,7 +176,9 @@ class OnnxModel:
             missing = [p for p in wanted if p not in available]
             if missing:
                 raise ValueError(f"execution providers {missing} are not available; this build has {available}")
-        chosen = provider_list(wanted, available, cudnn_conv_algo_search=cudnn_conv_algo_search)
+        chosen = provider_list(
+            wanted, available, cudnn_conv_algo_search=cudnn_conv_algo_search, gpu_mem_limit=gpu_mem_limit
+        )
         if not chosen:
             raise ValueError(f"none of the execution providers {wanted} is available; this build has {available}")
         try:
@@ -268,6 +278,7 @@ def load_models(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
+    gpu_mem_limit: int | None = None,
 ) -> dict[str, OnnxModel]:
     """Load every ``NAME.onnx`` in ``models_dir``, keyed by name, sorted.
 
@@ -284,7 +295,11 @@ def load_models(
     models: dict[str, OnnxModel] = {}
     for path in paths:
         model = OnnxModel(
-            path, providers=providers, intra_op_threads=intra_op_threads, cudnn_conv_algo_search=cudnn_conv_algo_search
+            path,
+            providers=providers,
+            intra_op_threads=intra_op_threads,
+            cudnn_conv_algo_search=cudnn_conv_algo_search,
+            gpu_mem_limit=gpu_mem_limit,
         )
         if model.name != path.stem:
             raise ValueError(f"{card_path(path)}: card name {model.name!r} differs from the file name {path.stem!r}")

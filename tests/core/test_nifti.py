@@ -288,6 +288,27 @@ class TestErrors:
         assert path.name not in err.value.reason  # the reason is safe to show without the (upload) name
         return err.value
 
+    @pytest.mark.parametrize("offset", [float("nan"), float("inf"), 1e30, 100.0])
+    def test_absurd_vox_offset(self, tmp_path, offset):
+        raw = bytearray(make_image(random_volume()).to_bytes())
+        raw[108:112] = struct.pack("<f", offset)  # vox_offset in a NIfTI-1 header
+        (tmp_path / "o.nii").write_bytes(bytes(raw))
+        self.check(tmp_path / "o.nii", "vox_offset .* is invalid")
+
+    def test_invalid_quaternion(self, tmp_path):
+        raw = bytearray(make_image(random_volume(), qform_code=1, sform_code=1).to_bytes())
+        raw[256:260] = struct.pack("<f", 5.0)  # quatern_b: b*b + c*c + d*d > 1 cannot be a rotation
+        (tmp_path / "q.nii").write_bytes(bytes(raw))
+        self.check(tmp_path / "q.nii", "orientation .* is invalid")
+
+    def test_huge_nifti2_shape_does_not_wrap_past_the_voxel_limit(self, tmp_path):
+        header = nib.Nifti2Header()
+        header.set_data_shape((2**32, 2**32, 1))
+        header.set_data_dtype(np.uint8)
+        (tmp_path / "h.nii").write_bytes(header.binaryblock + bytes(4 + 64))
+        with pytest.raises(VolumeTooLargeError, match="more than the limit"):
+            load_volume(tmp_path / "h.nii", max_voxels=64 * 2**20)
+
     def test_truncated_gzip(self, tmp_path):
         raw = self.gz(tmp_path)
         (tmp_path / "t.nii.gz").write_bytes(raw[: len(raw) // 2])

@@ -241,6 +241,10 @@ class TestProviders:
             "CPUExecutionProvider",
         ]
 
+    def test_cuda_arena_cap(self):
+        got = provider_list(["CUDAExecutionProvider"], ["CUDAExecutionProvider"], gpu_mem_limit=2 << 30)
+        assert got[0][1]["gpu_mem_limit"] == str(2 << 30)
+
     def test_unavailable_ones_are_left_out(self):
         got = provider_list(["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"])
         assert got == ["CPUExecutionProvider"]

@@ -127,6 +127,8 @@ class TestApiKey:
         assert key_is_valid("b", ["a", "b"]) and key_is_valid("a", ["a", "b"])
         assert not key_is_valid("c", ["a", "b"]) and not key_is_valid(None, ["a"]) and not key_is_valid("", ["a"])
         assert not key_is_valid("é", ["e"])
+        # a non-ASCII key travels as UTF-8 bytes, which the server decodes as latin-1
+        assert key_is_valid("clé".encode("utf-8").decode("latin-1"), ["clé"]) and not key_is_valid("clé", ["clé"])
 
     def test_keys_off(self):
         assert call(make_app(), "GET", "/test/keyed").json() == {"ok": True}
@@ -162,6 +164,13 @@ class TestSettings:
         assert settings.models_dir.name == "models" and (settings.models_dir.parent / "service").is_dir()
         assert (settings.host, settings.port, settings.max_concurrent, settings.max_queue) == ("127.0.0.1", 8000, 1, 4)
         assert settings.max_upload_bytes == 2**30 and settings.max_voxels == 64 * 2**20 and settings.api_keys == []
+
+    def test_tmp_dir_must_be_a_writable_folder(self, monkeypatch, tmp_path):
+        monkeypatch.setenv("BRATS_TMP_DIR", str(tmp_path / "missing"))
+        with pytest.raises(ValueError, match="not a writable folder; create it"):
+            Settings()
+        monkeypatch.setenv("BRATS_TMP_DIR", str(tmp_path))
+        assert Settings().tmp_dir == tmp_path
 
     def test_get_settings_is_cached(self):
         from service.settings import get_settings

@@ -378,6 +378,14 @@ def _gz_bad_crc() -> bytes:
     return bytes(data)
 
 
+def _peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident set size (``VmHWM`` in ``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
 def _bomb_inside_limit() -> bytes:
     """A header declaring a 40x44x36 uint8 volume followed by 64 MB of zeros: inflates far past its header."""
     raw = nifti_bytes(np.zeros(SHAPE), dtype=np.uint8, gz=False, plant=False)
@@ -449,8 +457,11 @@ class TestErrors:
             assert "four parts named flair, t1, t1ce and t2" in body["detail"]
         assert_serves(client)
 
-    def test_gzip_bomb_is_refused_from_its_header_quickly(self, client):
-        """A few KB whose header claims 4096^3 voxels (128 GiB as int16): refused before inflating."""
+    def test_gzip_bomb_is_refused_from_its_header_quickly(self, client, service):
+        """A few KB whose header claims 4096^3 voxels (128 GiB as int16): refused before inflating, quickly and
+        without the server's peak memory moving."""
+        assert_serves(client)  # the server's peak so far includes a normal request
+        peak_before = _peak_rss_bytes(service.process.pid)
 
         def bomb(shape) -> bytes:
             header = nib.Nifti1Header()
@@ -465,6 +476,7 @@ class TestErrors:
             response = client.post("/segment", files=files(replace, image4d=form == "image"))
             assert time.monotonic() - start < 5.0
             assert_problem(response, 413, says="voxels")
+        assert _peak_rss_bytes(service.process.pid) - peak_before < 6 << 20  # inflating 8 MiB would pass it
         assert_serves(client)
 
     @pytest.mark.parametrize(

@@ -211,7 +211,8 @@ def segment_upload(
 
 def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
     if not registry.ready:
-        raise ProblemError(503, "Service Unavailable", f"the service is not ready: {registry.reason}")
+        raise ProblemError(503, "Not ready", f"the service is not ready: {registry.reason}",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
     name = registry.default if requested is None else requested
     valid = registry.choices
     if name not in valid:
@@ -222,6 +223,10 @@ def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
             f"(or leave it out for the default, {registry.default})",
         )
     return name
+
+
+def _busy(exc: QueueFullError) -> ProblemError:
+    return ProblemError(503, "Service Unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _provider(engine: Engine) -> str:
@@ -252,6 +257,10 @@ async def segment(
     name = _resolve_model(query.model, registry)
     request.state.model = name  # a label of the request metrics
     engine = registry.engine(name)
+    try:
+        registry.check_capacity()  # a busy service refuses before it takes in the body
+    except QueueFullError as exc:
+        raise _busy(exc) from None
     async with received_upload(
         request,
         tmp_dir=settings.tmp_dir,
@@ -262,9 +271,7 @@ async def segment(
         try:
             outcome: SegmentOutcome = await registry.run(job)
         except QueueFullError as exc:
-            raise ProblemError(
-                503, "Service Unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}
-            ) from None
+            raise _busy(exc) from None
         body_bytes = upload.body_bytes
     registry.metrics.inference.labels(name).observe(outcome.engine_s)
     geometry = outcome.geometry
