@@ -2,10 +2,11 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# PyTorch on CPU spends a third of its time in page faults with glibc's default allocator settings.
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+# PyTorch training on CPU spends a third of its time in page faults with glibc's default allocator settings;
+# these keep freed memory in the process, which suits batch jobs (make models) but not the long-running service.
+BATCH_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: setup run test models demo clean-data
+.PHONY: setup run test models demo
 
 setup: $(VENV)/.installed
 
@@ -31,13 +32,13 @@ demo: setup
 DEMO_TRAIN := --channels 8,16,32,64,128 --patch-size 64,64,64 --batch-size 2 --epochs 14 --iterations 200 \
               --val-interval 14 --val-max-cases 3 --schedule cosine --lr 3e-3 --seed 0
 models: setup
-	$(PY) -m training synth data/synth-train --cases 40 --seed 1 --start-index 1 & train=$$!; \
-	$(PY) -m training synth data/synth-test --cases 10 --seed 2 --start-index 401 && wait $$train
-	$(PY) -m training preprocess data/synth-train data/cache/synth-train --workers 2
+	$(BATCH_ENV) $(PY) -m training synth data/synth-train --cases 40 --seed 1 --start-index 1 & train=$$!; \
+	$(BATCH_ENV) $(PY) -m training synth data/synth-test --cases 10 --seed 2 --start-index 401 && wait $$train
+	$(BATCH_ENV) $(PY) -m training preprocess data/synth-train data/cache/synth-train --workers 2
 	for arch in unet resunet; do \
 	  rm -rf runs/$$arch && \
-	  $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch --arch $$arch $(DEMO_TRAIN) && \
-	  $(PY) -m training export --checkpoint runs/$$arch/checkpoint_best.pt --name $$arch --models-dir models && \
-	  $(PY) -m training evaluate --model models/$$arch.onnx --data data/synth-test --out runs/$$arch/eval --update-card \
+	  $(BATCH_ENV) $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch --arch $$arch $(DEMO_TRAIN) && \
+	  $(BATCH_ENV) $(PY) -m training export --checkpoint runs/$$arch/checkpoint_best.pt --name $$arch --models-dir models && \
+	  $(BATCH_ENV) $(PY) -m training evaluate --model models/$$arch.onnx --data data/synth-test --out runs/$$arch/eval --update-card \
 	  || exit 1; \
 	done
