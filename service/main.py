@@ -3,8 +3,8 @@ error handlers and one router per resource.
 
 Nothing is built at import time. ``python -m service`` creates the app from the environment; tests create
 apps with their own :class:`~service.settings.Settings`. The lifespan loads the models once, in a worker
-thread, before the first request is served; a folder without models still starts (``/readyz`` answers 503
-with the reason) unless ``BRATS_REQUIRE_MODELS`` is set.
+thread while the server already answers (``/readyz`` says 503 until they are loaded); a folder without models
+still starts (``/readyz`` answers 503 with the reason) unless ``BRATS_REQUIRE_MODELS`` is set.
 
 For an ASGI server of your own: ``uvicorn --factory service.main:create_app``.
 """
@@ -38,16 +38,27 @@ class ModelsUnavailableError(RuntimeError):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the models (in a worker thread, unless already loaded) before serving; stop the executor after."""
+    """Load the models in a worker thread, unless already loaded; stop the executor after.
+
+    Without ``BRATS_REQUIRE_MODELS`` the server starts listening at once and loads in the background:
+    ``/healthz`` answers while the models load and ``/readyz`` says 503 until they are. With it, loading
+    finishes (or fails, and the server does not start) before anything is served.
+    """
     registry: ModelRegistry = app.state.registry
     settings: Settings = app.state.settings
+    loading: asyncio.Task | None = None
     if not registry.ready:
-        await asyncio.to_thread(registry.load)
-    if not registry.ready and settings.require_models:
-        raise ModelsUnavailableError(f"BRATS_REQUIRE_MODELS is set and {registry.reason}")
+        if settings.require_models:
+            await asyncio.to_thread(registry.load)
+            if not registry.ready:
+                raise ModelsUnavailableError(f"BRATS_REQUIRE_MODELS is set and {registry.reason}")
+        else:
+            loading = asyncio.create_task(asyncio.to_thread(registry.load))
     try:
         yield
     finally:
+        if loading is not None:
+            await loading  # a thread cannot be interrupted: let it finish before the executor closes
         registry.close()
 
 

@@ -226,7 +226,8 @@ def start_server(
     args: list[str] | None = None,
     timeout: float = 60.0,
 ) -> Server:
-    """Start ``python -m service --host 127.0.0.1 --port <free>`` and wait until ``/healthz`` answers.
+    """Start ``python -m service --host 127.0.0.1 --port <free>``; wait until ``/healthz`` answers and the
+    models are loaded (or failed to load: ``/readyz`` no longer says they are loading).
 
     Args:
         models_dir: ``BRATS_MODELS_DIR``.
@@ -254,9 +255,11 @@ def start_server(
             raise RuntimeError(f"the service exited with status {process.returncode}:\n{server.logs()}")
         try:
             if httpx.get(server.url + "/healthz", timeout=1.0).status_code == 200:
-                return server
+                ready = httpx.get(server.url + "/readyz", timeout=1.0)
+                if ready.status_code == 200 or "still loading" not in ready.text:
+                    return server  # loaded, or given up with a reason that tests may check
         except httpx.TransportError:
             pass
         time.sleep(0.05)
     server.stop()
-    raise RuntimeError(f"the service did not answer /healthz within {timeout} s:\n{server.logs()}")
+    raise RuntimeError(f"the service did not finish starting within {timeout} s:\n{server.logs()}")

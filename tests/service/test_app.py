@@ -293,3 +293,34 @@ class TestUnderLoad:
         assert full.headers["retry-after"] == "1" and "busy" in body["detail"]
         assert [r.status_code for r in results] == [200, 200]
         assert latencies and max(latencies) < 1.0, latencies
+
+
+class TestStartup:
+    def test_healthz_answers_while_the_models_load_and_readyz_waits_for_them(self, models_dir):
+        from fastapi.testclient import TestClient
+
+        from service.main import create_app
+        from service.registry import ModelRegistry
+        from service.settings import Settings
+
+        release = threading.Event()
+
+        class SlowRegistry(ModelRegistry):
+            def load(self) -> None:  # the real load, once the test lets it go
+                release.wait(30)
+                super().load()
+
+        settings = Settings(models_dir=models_dir, providers=["CPUExecutionProvider"], threads=1)
+        app = create_app(settings, registry=SlowRegistry(settings))
+        with TestClient(app) as client:  # runs the real lifespan
+            assert client.get("/healthz").status_code == 200
+            loading = client.get("/readyz")
+            assert loading.status_code == 503 and "still loading" in loading.json()["detail"]
+            refused = client.post("/segment", files={"flair": b"x"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            release.set()
+            deadline = time.monotonic() + 30
+            while client.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "the models never finished loading"
+                time.sleep(0.02)
+            assert client.get("/models").json()["default"] == "resunet"
