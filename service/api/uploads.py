@@ -198,7 +198,10 @@ class _PartWriter:
     def __init__(self, name: str, folder: Path) -> None:
         self.name = name
         self.path = folder / secrets.token_hex(16)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as err:  # no space, no inodes, too many open files: the server's problem
+            raise _storage_error(err) from None
         self._file = os.fdopen(fd, "wb")
         self._buffer = bytearray()
         self.size = 0
@@ -227,7 +230,10 @@ class _PartWriter:
                 raise _storage_error(err) from None
 
     def abandon(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the request already failed; its own error is the one to report
+            pass
 
 
 class _Events:

@@ -315,6 +315,12 @@ def _check_header(
             "each must be a finite positive number of mm",
             path=path,
         )
+    unit = header.get_xyzt_units()[0]
+    if unit not in ("mm", "unknown"):  # spacing, volumes and HD95 are in mm, as the output header says
+        raise NiftiError(
+            f"the header gives voxel sizes in {unit}s; only millimetres are supported: convert the volume to mm",
+            path=path,
+        )
     nvox = math.prod(shape)  # Python integers: a huge claimed shape must not wrap around
     if max_voxels is not None and nvox > max_voxels:
         raise VolumeTooLargeError(

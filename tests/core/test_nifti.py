@@ -295,6 +295,17 @@ class TestErrors:
         (tmp_path / "o.nii").write_bytes(bytes(raw))
         self.check(tmp_path / "o.nii", "vox_offset .* is invalid")
 
+    @pytest.mark.parametrize("unit", ["meter", "micron"])
+    def test_voxel_sizes_not_in_mm(self, tmp_path, unit):
+        img = make_image(random_volume())
+        img.header.set_xyzt_units(xyz=unit)
+        self.check(write(img, tmp_path / "u.nii"), f"voxel sizes in {unit}s; only millimetres")
+
+    def test_unknown_units_are_taken_as_mm(self, tmp_path):
+        img = make_image(random_volume())
+        img.header.set_xyzt_units(xyz="unknown")
+        assert load_volume(write(img, tmp_path / "u.nii"))[1].zooms == img.header.get_zooms()[:3]
+
     def test_invalid_quaternion(self, tmp_path):
         raw = bytearray(make_image(random_volume(), qform_code=1, sform_code=1).to_bytes())
         raw[256:260] = struct.pack("<f", 5.0)  # quatern_b: b*b + c*c + d*d > 1 cannot be a rotation

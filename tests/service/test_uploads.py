@@ -272,3 +272,12 @@ def test_unwritable_temporary_storage_is_503_not_500(tmp_path):
     with pytest.raises(ProblemError) as info:
         asyncio.run(use())
     assert info.value.status == 503 and "Retry-After" in info.value.headers
+
+
+class TestStorageFailure:
+    def test_a_part_file_that_cannot_be_created_is_503_not_500(self, tmp_path):
+        from service.api.uploads import _PartWriter
+
+        with pytest.raises(ProblemError) as err:
+            _PartWriter("flair", tmp_path / "gone")  # the folder vanished (or the disk is full)
+        assert err.value.status == 503 and err.value.headers["Retry-After"] == "30"
