@@ -580,8 +580,14 @@ class TestErrors:
                 f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body[: len(body) // 2]
             )
-            time.sleep(0.3)
-        assert entries(spool) == []
+            deadline = time.monotonic() + 10
+            while not list(spool.iterdir()):  # the upload has begun: its folder exists
+                assert time.monotonic() < deadline, "the server never started storing the upload"
+                time.sleep(0.01)
+        deadline = time.monotonic() + 10
+        while entries(spool):  # the client is gone: the folder goes
+            assert time.monotonic() < deadline, f"left behind: {entries(spool)}"
+            time.sleep(0.01)
         assert_serves(client)
 
     def test_logs_hold_no_file_names_header_text_or_tracebacks(self, service, client):
