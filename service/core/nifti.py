@@ -75,6 +75,10 @@ class VolumeTooLargeError(NiftiError):
     """A volume's header declares more voxels than allowed (how a gzip bomb is refused before inflating)."""
 
 
+AFFINE_ATOL = 1e-3
+"""Largest difference per affine element between volumes of one scan that still counts as one voxel grid."""
+
+
 @dataclass(frozen=True, eq=False)
 class Geometry:
     """Where a volume's voxels lie: everything of the header that an output must keep.
@@ -148,7 +152,7 @@ class Geometry:
         zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
         return cls(shape, affine, zooms, affine, qform_code, affine, sform_code)
 
-    def allclose(self, other: Geometry, atol: float = 1e-3) -> bool:
+    def allclose(self, other: Geometry, atol: float = AFFINE_ATOL) -> bool:
         """Whether ``other`` has the same shape and an affine equal element-wise within ``atol``."""
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, rtol=0.0, atol=atol))
 
@@ -264,6 +268,17 @@ def _parse_header(raw: bytes, path: PathLike) -> NiftiHeader:
         return klass.from_fileobj(io.BytesIO(raw[:size]), check=False)
     except (HeaderDataError, ValueError) as err:
         raise NiftiError(f"the {version} header cannot be read ({err})", path=path) from err
+
+
+def grid_mismatch(geometry: Geometry, reference: Geometry, *, atol: float = AFFINE_ATOL) -> str | None:
+    """How ``geometry`` fails to lie on ``reference``'s voxel grid (a phrase for an error message), or ``None``
+    when it has the same shape and an affine equal within ``atol`` per element."""
+    if geometry.shape != reference.shape:
+        return f"shape {geometry.shape} differs from {reference.shape}"
+    if not geometry.allclose(reference, atol=atol):
+        worst = float(np.max(np.abs(geometry.affine - reference.affine)))
+        return f"affine differs by up to {worst:.3g} (allowed {atol:g} per element)"
+    return None
 
 
 def read_header(path: PathLike) -> NiftiHeader:

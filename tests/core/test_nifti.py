@@ -13,6 +13,7 @@ import pytest
 
 from service.core.nifti import (
     Geometry,
+    grid_mismatch,
     NiftiError,
     VolumeTooLargeError,
     load_label,
@@ -550,3 +551,20 @@ class TestGeometry:
             Geometry.from_affine((6, 5), np.eye(4))  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="4x4 affine"):
             Geometry((1, 1, 1), np.eye(3), (1.0, 1.0, 1.0), np.eye(4), 1, np.eye(4), 1)
+
+
+class TestGridMismatch:
+    def test_same_grid_within_the_tolerance(self):
+        ref = Geometry.from_affine((4, 5, 6), np.eye(4))
+        nudged = np.eye(4)
+        nudged[0, 3] = 9e-4
+        assert grid_mismatch(Geometry.from_affine((4, 5, 6), nudged), ref) is None
+
+    def test_shape_then_affine(self):
+        ref = Geometry.from_affine((4, 5, 6), np.eye(4))
+        assert grid_mismatch(Geometry.from_affine((4, 5, 7), np.eye(4)), ref) == "shape (4, 5, 7) differs from (4, 5, 6)"
+        moved = np.eye(4)
+        moved[1, 3] = 2e-3
+        assert grid_mismatch(Geometry.from_affine((4, 5, 6), moved), ref) == (
+            "affine differs by up to 0.002 (allowed 0.001 per element)"
+        )

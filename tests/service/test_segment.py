@@ -421,17 +421,17 @@ BAD_INPUTS = {
     "NaN voxel size": ({"t1": with_pixdim(Case.image[1], 3, float("nan"))}, (), "4", 400, "part t1: voxel sizes"),
     "NaN voxels": ({"flair": nifti_bytes(np.where(Case.image[0] > 5, np.nan, 1))}, (), "4", 400, "not finite"),
     "infinite voxels": ({"t2": nifti_bytes(np.where(Case.image[3] > 5, np.inf, 1))}, (), "4", 400, "not finite"),
-    "shapes differ": ({"t1": nifti_bytes(Case.image[1][:, :, :-1])}, (), "4", 400, "part t1 has shape"),
-    "affines differ": ({"t2": nifti_bytes(Case.image[3], affine=shifted(2e-3))}, (), "4", 400, "affine of part t2"),
+    "shapes differ": ({"t1": nifti_bytes(Case.image[1][:, :, :-1])}, (), "4", 400, "part t1: shape"),
+    "affines differ": ({"t2": nifti_bytes(Case.image[3], affine=shifted(2e-3))}, (), "4", 400, "part t2: affine differs"),
     "label 3": ({"label": nifti_bytes(np.full(SHAPE, 3), dtype=np.uint8)}, (), "4", 400, "no label 3"),
     "label 5 with the 4D image": (
         {"label": nifti_bytes(np.full(SHAPE, 5), dtype=np.uint8)}, (), "image", 400, "part label: label values {5}"
     ),
     "fractional label": ({"label": nifti_bytes(np.full(SHAPE, 0.5))}, (), "4", 400, "part label: label values must"),
-    "label shape": ({"label": nifti_bytes(Case.label[:-1], dtype=np.uint8)}, (), "4", 400, "part label has shape"),
+    "label shape": ({"label": nifti_bytes(Case.label[:-1], dtype=np.uint8)}, (), "4", 400, "part label: shape"),
     "label affine": (
         {"label": nifti_bytes(Case.label, dtype=np.uint8, affine=shifted(0.5))}, (), "image", 400,
-        "affine of part label",
+        "part label: affine differs",
     ),
     "missing part": ({"t1ce": None}, (), "4", 400, "missing part t1ce"),
     "only a label": ({m: None for m in MODALITIES}, (), "4", 400, "no image parts"),

@@ -26,11 +26,10 @@ from typing import Literal
 import numpy as np
 
 from service.core.labels import MODALITIES, MSD_TO_BRATS, msd_to_brats
-from service.core.nifti import Geometry, NiftiError, load_label, load_volume
+from service.core.nifti import Geometry, NiftiError, grid_mismatch, load_label, load_volume
 
 logger = logging.getLogger(__name__)
 
-AFFINE_ATOL = 1e-3
 """Largest absolute difference allowed between the affines of one case's volumes (as the service)."""
 
 MSD_LABEL_VALUES = tuple(MSD_TO_BRATS)
@@ -260,15 +259,10 @@ def find_cases(root: Path | str) -> list[Case]:
 
 
 def _same_grid(case_id: str, ref: Geometry, ref_path: Path, geom: Geometry, path: Path) -> None:
-    """Raise a DataError unless ``geom`` lies on ``ref``'s grid (same shape, affine within AFFINE_ATOL)."""
-    if ref.allclose(geom, atol=AFFINE_ATOL):
-        return
-    if geom.shape != ref.shape:
-        raise DataError(f"{case_id}: shape {geom.shape} differs from {ref.shape} of {ref_path.name} ({path})")
-    diff = float(np.max(np.abs(geom.affine - ref.affine)))
-    raise DataError(
-        f"{case_id}: affine differs from {ref_path.name}'s by up to {diff:.3g} (allowed {AFFINE_ATOL}) ({path})"
-    )
+    """Raise a DataError unless ``geom`` lies on ``ref``'s voxel grid."""
+    mismatch = grid_mismatch(geom, ref)
+    if mismatch is not None:
+        raise DataError(f"{case_id}: {mismatch}, compared with {ref_path.name} ({path})")
 
 
 def _read(case_id: str, path: Path, reader, *, what: str = "", **kwargs):

@@ -26,7 +26,15 @@ from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, Seg
 from service.api.uploads import EXPECTED_PARTS, IMAGE_PART, LABEL_PART, Upload, received_upload
 from service.core.labels import MODALITIES
 from service.core.metrics import region_metrics, volumes_ml
-from service.core.nifti import Geometry, NiftiError, VolumeTooLargeError, load_label, load_volume, mask_to_bytes
+from service.core.nifti import (
+    Geometry,
+    NiftiError,
+    VolumeTooLargeError,
+    grid_mismatch,
+    load_label,
+    load_volume,
+    mask_to_bytes,
+)
 from service.inference.engine import Engine
 from service.registry import ModelRegistry, QueueFullError
 
@@ -36,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["segmentation"])
 
-AFFINE_ATOL = 1e-3
 RETRY_AFTER_S = 1
 """``Retry-After`` of a 503 for a full queue: retry soon, a slot frees when any inference ends."""
 
@@ -122,20 +129,13 @@ def _read(part: str, path: Path, *, ndim: int, max_voxels: int | None) -> tuple[
 
 
 def _check_same_grid(part: str, geometry: Geometry, reference: Geometry, reference_part: str) -> None:
-    if geometry.shape != reference.shape:
+    mismatch = grid_mismatch(geometry, reference)
+    if mismatch is not None:
         raise ProblemError(
             400,
             "Mismatched volumes",
-            f"part {part} has shape {geometry.shape} but part {reference_part} has {reference.shape}; "
-            "all parts must lie on the same voxel grid",
-        )
-    if not geometry.allclose(reference, atol=AFFINE_ATOL):
-        worst = float(np.max(np.abs(geometry.affine - reference.affine)))
-        raise ProblemError(
-            400,
-            "Mismatched volumes",
-            f"the affine of part {part} differs from that of part {reference_part} by up to {worst:.4g} "
-            f"(allowed {AFFINE_ATOL:g} per element); all parts must be co-registered on the same voxel grid",
+            f"part {part}: {mismatch}, compared with part {reference_part}; all parts must be co-registered on "
+            "the same voxel grid",
         )
 
 
