@@ -13,9 +13,9 @@ import pytest
 
 from service.core.nifti import (
     Geometry,
-    grid_mismatch,
     NiftiError,
     VolumeTooLargeError,
+    grid_mismatch,
     load_label,
     load_volume,
     mask_image,
