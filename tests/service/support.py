@@ -1,9 +1,8 @@
 """Helpers for the service tests: tiny real ONNX models with cards, NIfTI test volumes, and a real
 ``python -m service`` process on a free port.
 
-The models are one pointwise Conv each, so their segmentation of :func:`tumour_scan` is known exactly:
-after the z-scoring of the brain, the WT logit is ``gain * z(FLAIR) + bias``, TC ``gain * z(T1ce) + bias`` and
-ET ``gain * z(T2) + bias``, positive exactly where that channel is bright (10 against a brain of 1).
+The models are one pointwise Conv each (:mod:`tests.tiny_models`), so their segmentation of
+:func:`tumour_scan` is known exactly.
 """
 
 from __future__ import annotations
@@ -23,40 +22,16 @@ import nibabel as nib
 import numpy as np
 
 from service.core.labels import MODALITIES
-from service.inference.card import ModelCard, card_path, file_sha256, write_card
+from tests import tiny_models
+from tests.tiny_models import expected_labels, pointwise_weights  # noqa: F401  (expected_labels: re-exported)
+from tests.tiny_models import scan as tumour_scan  # noqa: F401  (re-exported for the service tests)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
-FLAIR, T1, T1CE, T2 = range(4)
-SHAPE = (12, 10, 9)
-BRAIN = (slice(2, 10), slice(1, 9), slice(1, 8))
-WT_BOX = (slice(4, 9), slice(2, 7), slice(2, 7))
-TC_BOX = (slice(5, 8), slice(3, 6), slice(3, 6))
-ET_BOX = (slice(6, 8), slice(4, 6), slice(4, 5))
 SPACING = (1.0, 1.5, 2.0)
 
 
 # ------------------------------------------------------------------------------------------------ data
-def tumour_scan() -> np.ndarray:
-    """A raw scan ``(4, 12, 10, 9)`` float32: brain 1, tumour 10 in FLAIR (WT box), T1ce (TC box), T2 (ET box)."""
-    image = np.zeros((4, *SHAPE), dtype=np.float32)
-    image[(slice(None), *BRAIN)] = 1.0
-    image[(FLAIR, *WT_BOX)] = 10.0
-    image[(T1CE, *TC_BOX)] = 10.0
-    image[(T2, *ET_BOX)] = 10.0
-    image[T1] *= 3.0
-    return image
-
-
-def expected_labels() -> np.ndarray:
-    """The BraTS labels every test model predicts for :func:`tumour_scan` (ED 2, NCR 1, ET 4)."""
-    labels = np.zeros(SHAPE, dtype=np.uint8)
-    labels[WT_BOX] = 2
-    labels[TC_BOX] = 1
-    labels[ET_BOX] = 4
-    return labels
-
-
 def affine_for(spacing=SPACING, origin=(-10.0, 20.0, 5.0)) -> np.ndarray:
     affine = np.diag([*map(float, spacing), 1.0])
     affine[:3, 3] = origin
@@ -106,41 +81,13 @@ def build_model(
     bias: float = -1.0,
 ) -> Path:
     """Write ``folder/name.onnx`` (one pointwise Conv, dynamic batch and spatial sizes) and its card."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    weight = np.zeros((3, 4) + (1,) * spatial_dims, dtype=np.float32)
-    for region, channel in enumerate((FLAIR, T1CE, T2)):
-        weight[(region, channel) + (0,) * spatial_dims] = gain
-    bias_arr = np.full(3, bias, dtype=np.float32)
-    axes = ["X", "Y", "Z"][:spatial_dims]
-    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, *axes])
-    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, *axes])
-    node = helper.make_node("Conv", ["image", "W", "B"], ["logits"])
-    graph = helper.make_graph(
-        [node], name, [inp], [out],
-        initializer=[numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias_arr, "B")],
+    update = {"architecture": architecture}
+    return tiny_models.build_model(
+        folder, name, *pointwise_weights(gain, bias, spatial_dims), patch_size=patch_size or (8,) * spatial_dims,
+        card_updates=update, metadata_updates=update,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    card = ModelCard(
-        name=name,
-        architecture=architecture,
-        spatial_dims=spatial_dims,
-        patch_size=tuple(patch_size or (8,) * spatial_dims),
-        opset=17,
-        parameters=int(weight.size + bias_arr.size),
-        training={"data": "none: a hand-made test convolution, not trained"},
-        created="2024-01-01T00:00:00Z",
-    )
-    helper.set_model_props(model, card.to_metadata())
-    onnx.checker.check_model(model)
-    path = folder / f"{name}.onnx"
-    onnx.save(model, path)
-    write_card(card.model_copy(update={"sha256": file_sha256(path)}), card_path(path))
-    return path
 
 
 def build_models(folder, *, with_2d: bool = False) -> Path:

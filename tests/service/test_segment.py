@@ -553,15 +553,7 @@ class TestErrors:
         assert_serves(client)
 
     def test_stalled_upload_is_cut_off_with_408(self, service, client):
-        request = client.build_request("POST", "/segment", files=files())
-        body = request.read()
-        host, port = service.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=30) as sock:
-            sock.sendall(
-                f"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body[: len(body) // 2]
-            )
+        with _send_half_an_upload(service, client, timeout=30) as sock:
             start = time.monotonic()
             reply = _read_reply(sock)
             waited = time.monotonic() - start
@@ -571,15 +563,7 @@ class TestErrors:
         assert_serves(client)
 
     def test_client_that_disconnects_mid_upload_leaves_nothing(self, service, client, spool):
-        request = client.build_request("POST", "/segment", files=files())
-        body = request.read()
-        host, port = service.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
-            sock.sendall(
-                f"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body[: len(body) // 2]
-            )
+        with _send_half_an_upload(service, client, timeout=10):
             deadline = time.monotonic() + 10
             while not list(spool.iterdir()):  # the upload has begun: its folder exists
                 assert time.monotonic() < deadline, "the server never started storing the upload"
@@ -596,6 +580,20 @@ class TestErrors:
         assert "POST /segment" in logs
         for leak in ("PATIENT", "Jane", "MRN", "Traceback", " 500 "):
             assert leak not in logs
+
+
+def _send_half_an_upload(service, client, *, timeout: float) -> socket.socket:
+    """A raw connection that has sent the headers and half the body of a valid request (use it in ``with``)."""
+    request = client.build_request("POST", "/segment", files=files())
+    body = request.read()
+    host, port = service.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.sendall(
+        f"POST /segment HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body[: len(body) // 2]
+    )
+    return sock
 
 
 def _read_reply(sock: socket.socket) -> bytes:

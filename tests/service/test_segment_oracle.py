@@ -16,35 +16,18 @@ import pytest
 
 from service.core.labels import MODALITIES
 from service.core.nifti import load_volume
-from service.inference.card import ModelCard, card_path, file_sha256, write_card
 from service.inference.engine import Engine, OnnxModel
-from tests.service.support import FLAIR, T1CE, T2, tumour_scan, write_case
+from tests.service.support import write_case
+from tests.tiny_models import FLAIR, T1CE, T2, build_model
+from tests.tiny_models import scan as tumour_scan
 
 
 def build_shift_model(folder, name: str, *, tap: int, gain: float, bias: float):
     """WT/TC/ET logits = gain * z(channel) at Z offset ``tap - 1`` + bias (a 1x1x3 kernel, zero padded)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     weight = np.zeros((3, 4, 1, 1, 3), dtype=np.float32)
     for region, channel in enumerate((FLAIR, T1CE, T2)):
         weight[region, channel, 0, 0, tap] = gain
-    bias_arr = np.full(3, bias, dtype=np.float32)
-    inp = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 4, "X", "Y", "Z"])
-    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3, "X", "Y", "Z"])
-    node = helper.make_node("Conv", ["image", "W", "B"], ["logits"], pads=[0, 0, 1, 0, 0, 1])
-    graph = helper.make_graph([node], name, [inp], [out], initializer=[
-        numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias_arr, "B")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    card = ModelCard(name=name, architecture="unet", spatial_dims=3, patch_size=(8, 8, 8), opset=17,
-                     parameters=int(weight.size + 3), training={"data": "none: a hand-made test convolution"},
-                     created="2024-01-01T00:00:00Z")
-    helper.set_model_props(model, card.to_metadata())
-    path = folder / f"{name}.onnx"
-    onnx.save(model, path)
-    write_card(card.model_copy(update={"sha256": file_sha256(path)}), card_path(path))
-    return path
+    return build_model(folder, name, weight, np.full(3, bias, dtype=np.float32), patch_size=(8, 8, 8))
 
 
 @pytest.fixture(scope="module")
