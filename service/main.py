@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from service.api.deps import ApiKeyDep, MetadataKeyDep
 from service.api.errors import install_error_handlers
 from service.api.routes import health, metrics, models, segment
+from service.api.uploads import remove_stale_folders
 from service.observability import Metrics, RequestContextMiddleware
 from service.registry import ModelRegistry
 from service.settings import Settings, get_settings
@@ -38,7 +39,8 @@ class ModelsUnavailableError(RuntimeError):
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the models in a worker thread, unless already loaded; stop the executor after.
+    """Remove upload folders left by a killed process, load the models in a worker thread unless already
+    loaded; stop the executor after.
 
     Without ``BRATS_REQUIRE_MODELS`` the server starts listening at once and loads in the background:
     ``/healthz`` answers while the models load and ``/readyz`` says 503 until they are. With it, loading
@@ -46,6 +48,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """
     registry: ModelRegistry = app.state.registry
     settings: Settings = app.state.settings
+    remove_stale_folders(settings.tmp_dir)
     loading: asyncio.Task | None = None
     if not registry.ready:
         if settings.require_models:

@@ -2,8 +2,9 @@
 
 :class:`ModelRegistry` is built from :class:`~service.settings.Settings` by ``create_app`` (nothing is
 loaded at import time); the app's lifespan calls :meth:`ModelRegistry.load` in a worker thread. Loading
-never raises: a missing or empty models folder or an invalid model leaves the registry not ready, with
-``reason`` saying why (``/readyz`` answers 503 with it).
+never raises: a missing or empty models folder leaves the registry not ready, with ``reason`` saying why
+(``/readyz`` answers 503 with it); a model that cannot be loaded is left out and named in ``reason`` while
+the others serve.
 
 Inference is CPU- or GPU-bound and holds whole volumes in memory, so :meth:`ModelRegistry.run` lets at
 most ``max_concurrent`` calls run (in a dedicated thread pool, never on the event loop) and at most
@@ -21,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from service.inference.card import RESERVED_NAMES
-from service.inference.engine import Engine, OnnxModel, load_models
+from service.inference.engine import Engine, OnnxModel, load_model, model_paths
 from service.observability import Metrics
 from service.settings import Settings
 
@@ -56,9 +57,11 @@ class ModelRegistry:
             :class:`Metrics` if ``None``).
 
     Attributes:
-        models: loaded models by name (empty until :meth:`load` succeeds).
-        default: the model used when a request names none; ``None`` when nothing is loaded.
-        ready: every configured model is loaded and the default is among them.
+        models: loaded models by name (empty until :meth:`load` ran).
+        failed: models of the folder that could not be loaded, by name, with the reason.
+        default: the model used when a request names none; ``None`` when nothing is loaded, or when the
+            configured default is not.
+        ready: every model of the folder is loaded and the default is among them.
         reason: why the registry is not ready (``None`` when it is).
     """
 
@@ -66,6 +69,7 @@ class ModelRegistry:
         self.settings = settings
         self.metrics = metrics if metrics is not None else Metrics()
         self.models: dict[str, OnnxModel] = {}
+        self.failed: dict[str, str] = {}
         self.default: str | None = None
         self.ready = False
         self.reason: str | None = "the models are still loading"
@@ -80,43 +84,63 @@ class ModelRegistry:
     def load(self) -> None:
         """Load every model of ``settings.models_dir`` and build the engines; never raises.
 
+        A model that cannot be loaded (corrupt file, card that does not match, ...) is logged and listed in
+        :attr:`failed`; the others serve, but the registry is not ready (``/readyz`` says which model failed
+        and why; with ``BRATS_REQUIRE_MODELS`` the service does not start).
+
         Blocking (ONNX Runtime builds its sessions): call it in a worker thread from async code.
         """
         s = self.settings
         self.ready, self.reason = False, "the models are still loading"
         start = time.perf_counter()
         try:
-            models = load_models(
-                s.models_dir,
-                providers=s.providers or None,
-                intra_op_threads=s.threads,
-                cudnn_conv_algo_search=s.cudnn_conv_algo_search,
-                gpu_mem_limit=s.gpu_mem_limit_bytes,
-            )
+            paths = model_paths(s.models_dir)
         except ValueError as exc:
             self._not_ready(f"no models loaded: {exc}")
             return
-        except Exception as exc:  # ONNX Runtime or the OS; still serve /healthz and /readyz with the reason
-            logger.exception("loading the models failed")
-            self._not_ready(f"no models loaded: {type(exc).__name__}: {exc}")
-            return
+        models: dict[str, OnnxModel] = {}
+        failed: dict[str, str] = {}
+        for path in paths:
+            try:
+                model = load_model(
+                    path,
+                    providers=s.providers or None,
+                    intra_op_threads=s.threads,
+                    cudnn_conv_algo_search=s.cudnn_conv_algo_search,
+                    gpu_mem_limit=s.gpu_mem_limit_bytes,
+                )
+            except ValueError as exc:  # the reason names the file, not the server's folders (/readyz is open)
+                failed[path.stem] = str(exc).replace(str(path), path.name)
+            except Exception as exc:  # ONNX Runtime or the OS; the other models still serve
+                failed[path.stem] = f"{type(exc).__name__}: {exc}".replace(str(path), path.name)
+            else:
+                models[model.name] = model
+                continue
+            logger.error("model %s cannot be loaded and is not served: %s", path.stem, failed[path.stem])
         engines = {
             name: Engine([model], overlap=s.overlap, batch_size=s.batch_size) for name, model in models.items()
         }
-        try:
-            engines[ENSEMBLE] = Engine(list(models.values()), overlap=s.overlap, batch_size=s.batch_size)
-        except ValueError as exc:
-            logger.warning("model=%s is unavailable: %s", ENSEMBLE, exc)
-        self.models, self._engines = models, engines
+        if models:
+            try:
+                engines[ENSEMBLE] = Engine(list(models.values()), overlap=s.overlap, batch_size=s.batch_size)
+            except ValueError as exc:
+                logger.warning("model=%s is unavailable: %s", ENSEMBLE, exc)
+        self.models, self.failed, self._engines = models, failed, engines
         self.metrics.models_loaded.set(len(models))
-        if s.default_model is not None and s.default_model not in models:
-            self.default = None
-            self._not_ready(
+        if s.default_model is not None:
+            self.default = s.default_model if s.default_model in models else None
+        else:
+            self.default = PREFERRED_DEFAULT if PREFERRED_DEFAULT in models else (self.names or [None])[0]
+        problems = [f"model {name} could not be loaded ({reason})" for name, reason in failed.items()]
+        if s.default_model is not None and self.default is None:
+            problems.append(
                 f"the configured default model {s.default_model!r} (BRATS_DEFAULT_MODEL) is not among the loaded "
                 f"models {self.names}"
             )
+        if problems:
+            serving = f"serving {', '.join(self.names)}" if models else "no models loaded"
+            self._not_ready(f"{'; '.join(problems)}; {serving}")
             return
-        self.default = s.default_model or (PREFERRED_DEFAULT if PREFERRED_DEFAULT in models else self.names[0])
         self.ready, self.reason = True, None
         self.metrics.ready.set(1)
         logger.info(

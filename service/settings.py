@@ -101,7 +101,11 @@ class Settings(BaseSettings):
     """Where uploads are spooled while a request runs (removed when it ends); default the system temp."""
 
     request_timeout_s: float = Field(default=60.0, gt=0)
-    """Longest wait for the next chunk of a request body, in seconds; a slower client is cut off."""
+    """Longest wait for the next chunk of a request body, in seconds; a stalled client is cut off (408)."""
+
+    upload_timeout_s: float = Field(default=600.0, gt=0)
+    """Longest time for a whole request body, in seconds (default 10 min: 1 GiB at about 2 MB/s); a client
+    that trickles its upload more slowly is cut off (408)."""
 
     @field_validator("api_keys", "providers", mode="before")
     @classmethod

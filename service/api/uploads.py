@@ -11,9 +11,11 @@ Limits, each answered with an RFC 9457 problem as soon as it is hit, without rea
 - ``413`` when the body is larger than ``max_bytes`` (from ``Content-Length`` before anything is read,
   else while counting the bytes as they arrive);
 - ``408`` when no byte of the body arrives for ``idle_timeout_s`` seconds (``BRATS_REQUEST_TIMEOUT_S``: the
-  longest wait for the next chunk, so a stalled client is cut off while a large upload over a slow but
-  steady link is not). 408 rather than 400 because the request itself may be fine: the client can send it
-  again. 413 and 408 replies carry ``Connection: close``, as the rest of the body is left unread;
+  longest wait for the next chunk, so a stalled client is cut off), or when the whole body takes longer
+  than ``deadline_s`` (``BRATS_UPLOAD_TIMEOUT_S``, so that a client trickling a byte now and then cannot
+  hold a connection and a folder for ever). 408 rather than 400 because the request itself may be fine: the
+  client can send it again. 413 and 408 replies carry ``Connection: close``, as the rest of the body is
+  left unread;
 - ``415`` when the body is not ``multipart/form-data`` (or has a ``Content-Encoding``);
 - ``400`` for a malformed body, a client that disconnects mid-body, and any break of the part rules
   (:data:`EXPECTED_PARTS`): missing, duplicated, unknown or empty parts, ``image`` together with modality
@@ -52,6 +54,7 @@ __all__ = [
     "check_content_type",
     "receive_multipart",
     "received_upload",
+    "remove_stale_folders",
     "temporary_folder",
 ]
 
@@ -163,21 +166,66 @@ def _check_content_length(headers: Headers | Mapping[str, str], max_bytes: int) 
         raise _too_large(max_bytes)
 
 
+FOLDER_PREFIX = "segment-"
+"""Upload folders are named ``segment-<pid>-<random>``: the process that owns one can be told from its name."""
+
+
 @asynccontextmanager
 async def temporary_folder(parent: str | os.PathLike[str] | None = None) -> AsyncIterator[Path]:
-    """A new private folder (mode 0700, random name) inside ``parent``, removed with its contents on exit.
+    """A new private folder (mode 0700, named ``segment-<pid>-<random>``) inside ``parent``, removed with its
+    contents on exit.
 
     Removal happens whatever ends the block: success, an exception, or cancellation (a client that went
-    away, a server shutting down). It is done synchronously so that a cancelled task cannot skip it.
+    away, a server shutting down). It is done synchronously so that a cancelled task cannot skip it. Only a
+    process killed outright (SIGKILL, power loss) leaves its folders behind: :func:`remove_stale_folders`
+    removes them when the service starts again.
     """
     try:
-        folder = Path(tempfile.mkdtemp(prefix="segment-", dir=parent))
+        folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=parent))
     except OSError as err:
         raise _storage_error(err) from None
     try:
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_folders(parent: str | os.PathLike[str] | None = None) -> int:
+    """Remove the upload folders in ``parent`` (default: the system temp folder) left by service processes
+    that no longer run (killed before they could clean up), and those named after this process's own pid
+    (a previous process with the same pid, as in a restarted container). Folders of other running
+    processes (several services sharing one temp folder) are kept.
+
+    Returns:
+        How many folders were removed.
+    """
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    removed = 0
+    try:
+        candidates = list(parent.glob(f"{FOLDER_PREFIX}*-*"))
+    except OSError:
+        return 0
+    for folder in candidates:
+        pid_text = folder.name[len(FOLDER_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or not folder.is_dir() or folder.is_symlink():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or not _process_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += not folder.exists()
+    if removed:
+        logger.warning("removed %d upload folder(s) left behind by a service process that was killed", removed)
+    return removed
 
 
 def _storage_error(err: OSError) -> ProblemError:
@@ -299,22 +347,36 @@ def _check_complete(received: Mapping[str, object]) -> None:
         raise _part_rule_error(f"missing part{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
 
 
-async def _idle_limited(chunks: AsyncIterable[bytes], idle_timeout_s: float | None) -> AsyncIterator[bytes]:
-    """``chunks``, raising a 408 problem when the next one takes longer than ``idle_timeout_s`` to come."""
+def _timed_out(detail: str) -> ProblemError:
+    return ProblemError(408, "Request Timeout", detail, headers={"Connection": "close"})
+
+
+async def _time_limited(
+    chunks: AsyncIterable[bytes], idle_timeout_s: float | None, deadline_s: float | None = None
+) -> AsyncIterator[bytes]:
+    """``chunks``, raising a 408 problem when the next one takes longer than ``idle_timeout_s`` to come, or
+    when they have not all come ``deadline_s`` seconds after the first was asked for."""
     iterator = chunks.__aiter__()
+    ends = None if deadline_s is None else anyio.current_time() + deadline_s
     while True:
+        wait = idle_timeout_s
+        if ends is not None:
+            left = max(ends - anyio.current_time(), 0.0)
+            wait = left if wait is None else min(wait, left)
         try:
-            with anyio.fail_after(idle_timeout_s):
+            with anyio.fail_after(wait):
                 chunk = await iterator.__anext__()
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise ProblemError(
-                408,
-                "Request Timeout",
+            if ends is not None and anyio.current_time() >= ends:
+                raise _timed_out(
+                    f"the request body did not arrive within {deadline_s:g} s, so the upload was abandoned; "
+                    "send it again over a faster link, or ask the operator to raise BRATS_UPLOAD_TIMEOUT_S"
+                ) from None
+            raise _timed_out(
                 f"no data of the request body arrived for {idle_timeout_s:g} s, so the upload was abandoned; "
-                "send the request again",
-                headers={"Connection": "close"},
+                "send the request again"
             ) from None
         yield chunk
 
@@ -326,6 +388,7 @@ async def receive_multipart(
     *,
     max_bytes: int,
     idle_timeout_s: float | None = None,
+    deadline_s: float | None = None,
 ) -> Upload:
     """Parse a multipart body from ``chunks`` into files in ``folder`` while checking the part rules.
 
@@ -335,14 +398,15 @@ async def receive_multipart(
         folder: Where the part files go (a fresh private folder).
         max_bytes: Largest body accepted; the reading stops as soon as it is exceeded.
         idle_timeout_s: Longest wait for the next chunk (``None``: no limit).
+        deadline_s: Longest time for the whole body (``None``: no limit).
 
     Raises:
-        ProblemError: 413 over ``max_bytes``; 408 when a chunk is late; 400 for a malformed or incomplete
+        ProblemError: 413 over ``max_bytes``; 408 when a chunk or the whole body is late; 400 for a malformed or incomplete
             body, a client disconnect, or a part-rule violation.
     """
     receiver = _Receiver(boundary, folder, max_bytes=max_bytes)
     try:
-        async with aclosing(_idle_limited(chunks, idle_timeout_s)) as body:
+        async with aclosing(_time_limited(chunks, idle_timeout_s, deadline_s)) as body:
             async for chunk in body:
                 await receiver.feed(chunk)
     except ClientDisconnect:
@@ -429,6 +493,7 @@ async def received_upload(
     tmp_dir: str | os.PathLike[str] | None,
     max_bytes: int,
     timeout_s: float,
+    deadline_s: float | None = None,
 ) -> AsyncIterator[Upload]:
     """Receive the request's multipart body into a private temporary folder that lives as long as the block.
 
@@ -440,6 +505,7 @@ async def received_upload(
         tmp_dir: Parent of the per-request folder (``None``: the system temp folder).
         max_bytes: Largest body accepted (413 beyond).
         timeout_s: Longest wait for the next chunk of the body, in seconds (408 beyond).
+        deadline_s: Longest time for the whole body, in seconds (408 beyond; ``None``: no limit).
 
     Yields:
         The :class:`Upload`.
@@ -448,7 +514,7 @@ async def received_upload(
     _check_content_length(request.headers, max_bytes)
     async with temporary_folder(tmp_dir) as folder:
         upload = await receive_multipart(
-            request.stream(), boundary, folder, max_bytes=max_bytes, idle_timeout_s=timeout_s
+            request.stream(), boundary, folder, max_bytes=max_bytes, idle_timeout_s=timeout_s, deadline_s=deadline_s
         )
         logger.debug(
             "upload received: %d bytes, parts %s",

@@ -20,11 +20,12 @@ In an ensemble each model gets its own flips.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -272,19 +273,11 @@ class OnnxModel:
         return f"OnnxModel({self.name!r}, {self.card.architecture}, {self.spatial_dims}D, {self.provider})"
 
 
-def load_models(
-    models_dir: str | Path,
-    *,
-    providers: Sequence[str] | None = None,
-    intra_op_threads: int | None = None,
-    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
-    gpu_mem_limit: int | None = None,
-) -> dict[str, OnnxModel]:
-    """Load every ``NAME.onnx`` in ``models_dir``, keyed by name, sorted.
+def model_paths(models_dir: str | Path) -> list[Path]:
+    """The ``NAME.onnx`` files of ``models_dir``, sorted.
 
     Raises:
-        ValueError: the folder is missing or holds no ``.onnx`` file; a model lacks its ``NAME.json`` or
-            fails :class:`OnnxModel`'s checks; a card's ``name`` is not its file's ``NAME``.
+        ValueError: the folder is missing or holds no ``.onnx`` file.
     """
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
@@ -292,19 +285,50 @@ def load_models(
     paths = sorted(models_dir.glob("*.onnx"))
     if not paths:
         raise ValueError(f"models folder {models_dir} holds no NAME.onnx models")
-    models: dict[str, OnnxModel] = {}
-    for path in paths:
-        model = OnnxModel(
-            path,
-            providers=providers,
-            intra_op_threads=intra_op_threads,
-            cudnn_conv_algo_search=cudnn_conv_algo_search,
-            gpu_mem_limit=gpu_mem_limit,
-        )
-        if model.name != path.stem:
-            raise ValueError(f"{card_path(path)}: card name {model.name!r} differs from the file name {path.stem!r}")
-        models[model.name] = model
-    return models
+    return paths
+
+
+def load_model(
+    path: str | Path,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
+    gpu_mem_limit: int | None = None,
+) -> OnnxModel:
+    """One :class:`OnnxModel`, whose card's ``name`` must be its file's ``NAME``.
+
+    Raises:
+        ValueError: :class:`OnnxModel`'s checks fail, or the card's ``name`` is not the file's ``NAME``.
+    """
+    path = Path(path)
+    model = OnnxModel(
+        path,
+        providers=providers,
+        intra_op_threads=intra_op_threads,
+        cudnn_conv_algo_search=cudnn_conv_algo_search,
+        gpu_mem_limit=gpu_mem_limit,
+    )
+    if model.name != path.stem:
+        raise ValueError(f"{card_path(path)}: card name {model.name!r} differs from the file name {path.stem!r}")
+    return model
+
+
+def load_models(models_dir: str | Path, **options: Any) -> dict[str, OnnxModel]:
+    """Load every ``NAME.onnx`` in ``models_dir`` (:func:`load_model`, which takes ``options``), keyed by name,
+    sorted; all or nothing.
+
+    Raises:
+        ValueError: the folder is missing or holds no ``.onnx`` file; a model lacks its ``NAME.json`` or
+            fails :class:`OnnxModel`'s checks; a card's ``name`` is not its file's ``NAME``.
+    """
+    models = (load_model(path, **options) for path in model_paths(models_dir))
+    return {model.name: model for model in models}
+
+
+class InferenceCancelled(RuntimeError):
+    """The caller set the cancel event of :meth:`Engine.segment` (e.g. its client went away): the inference
+    stopped before its next network call."""
 
 
 @dataclass(frozen=True)
@@ -380,16 +404,27 @@ class Engine:
         """First 12 hex digits of each model's sha256, joined by ``+`` (SPEC, ``POST /segment``)."""
         return "+".join(model.sha256[:12] for model in self.models)
 
-    def segment(self, image: np.ndarray, *, tta: bool = False, probabilities: bool = False) -> Segmentation:
+    def segment(
+        self,
+        image: np.ndarray,
+        *,
+        tta: bool = False,
+        probabilities: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> Segmentation:
         """Segment one raw scan.
 
         Args:
             image: ``(C, X, Y, Z)`` raw intensities in MODALITIES order (not normalised; read, never written).
             tta: also average over mirrored inputs (:func:`tta_flips`: 8 for a 3D model, 4 in-plane for 2D).
             probabilities: return the averaged probabilities too.
+            cancel: when set (from another thread), the inference stops before its next network call.
 
         Returns:
             :class:`Segmentation` with labels on the full grid, zero outside the brain box.
+
+        Raises:
+            InferenceCancelled: ``cancel`` was set.
         """
         image = np.asarray(image)
         if image.ndim != 4 or image.shape[0] != self.in_channels or min(image.shape) < 1:
@@ -399,7 +434,7 @@ class Engine:
         start = time.perf_counter()
         pre = preprocess(image)
         after_pre = time.perf_counter()
-        probs = self.probabilities(pre.data, tta=tta)
+        probs = self.probabilities(pre.data, tta=tta, cancel=cancel)
         after_inference = time.perf_counter()
         labels = uncrop(regions_to_labels(probs, threshold=self.threshold), pre.bbox, pre.full_shape, fill=0)
         full_probs = uncrop(probs, pre.bbox, pre.full_shape, fill=0) if probabilities else None
@@ -411,11 +446,13 @@ class Engine:
         }
         return Segmentation(labels=labels.astype(np.uint8, copy=False), timings_ms=timings, probabilities=full_probs)
 
-    def probabilities(self, data: np.ndarray, *, tta: bool = False) -> np.ndarray:
+    def probabilities(
+        self, data: np.ndarray, *, tta: bool = False, cancel: threading.Event | None = None
+    ) -> np.ndarray:
         """Averaged sigmoid probabilities ``(3, *spatial)`` float32 for preprocessed ``data (C, *spatial)``.
 
         Each model's probabilities are first averaged over its own flips (with ``tta``), then the models are
-        averaged with equal weights.
+        averaged with equal weights. ``cancel``: see :meth:`segment`.
         """
         total = np.zeros((3, *data.shape[1:]), dtype=np.float32)
         for model in self.models:
@@ -423,7 +460,7 @@ class Engine:
             for axes in flips:
                 spatial_axes = tuple(a + 1 for a in axes)
                 view = np.flip(data, spatial_axes) if axes else data
-                logits = self._logits(model, view)
+                logits = self._logits(model, view, cancel)
                 probs = sigmoid(logits, out=logits)  # in place: the logits are ours and not needed again
                 if len(flips) > 1:
                     probs /= len(flips)  # this model's mean over its flips
@@ -432,24 +469,38 @@ class Engine:
         total /= len(self.models)
         return total
 
-    def _logits(self, model: OnnxModel, data: np.ndarray) -> np.ndarray:
+    def _logits(self, model: OnnxModel, data: np.ndarray, cancel: threading.Event | None) -> np.ndarray:
+        predictor = model if cancel is None else _Cancellable(model, cancel)
         if model.spatial_dims == 3:
             return sliding_window(
-                data, model, patch_size=model.card.patch_size, overlap=self.overlap, batch_size=self.batch_size
+                data, predictor, patch_size=model.card.patch_size, overlap=self.overlap, batch_size=self.batch_size
             )
         return sliding_window(
             data,
-            _SliceWise(model),
+            _SliceWise(predictor),
             patch_size=(*model.card.patch_size, 1),
             overlap=self.overlap,
             batch_size=self.batch_size,
         )
 
 
+class _Cancellable:
+    """A model that raises :class:`InferenceCancelled` instead of running once ``cancel`` is set."""
+
+    def __init__(self, model: OnnxModel, cancel: threading.Event) -> None:
+        self.model = model
+        self.cancel = cancel
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.cancel.is_set():
+            raise InferenceCancelled("the inference was cancelled")
+        return self.model(batch)
+
+
 class _SliceWise:
     """Serves a 2D network tiles ``(B, C, px, py, 1)``: drops the depth axis before, restores it after."""
 
-    def __init__(self, model: OnnxModel) -> None:
+    def __init__(self, model: OnnxModel | _Cancellable) -> None:
         self.model = model
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ probabilities are known exactly.
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,7 @@ from service.inference.engine import (
     FLIPS,
     FLIPS_2D,
     Engine,
+    InferenceCancelled,
     OnnxModel,
     Segmentation,
     load_models,
@@ -294,6 +296,31 @@ class TestLoadModels:
         write_card(card.model_copy(update={"sha256": file_sha256(path)}), card_path(path))
         with pytest.raises(ValueError, match=r"broken\.onnx: ONNX Runtime cannot load the model"):
             load_models(tmp_path)
+
+
+class TestCancel:
+    def test_an_unset_event_changes_nothing(self, models):
+        result = Engine([models["point3d_b"][0]]).segment(scan(), cancel=threading.Event())
+        np.testing.assert_array_equal(result.labels, expected_labels())
+
+    @pytest.mark.parametrize("name", ["point3d_b", "point2d_small"])
+    def test_setting_the_event_stops_before_the_next_network_call(self, models, name):
+        recorder = Recorder(models[name][0])
+        cancel = threading.Event()
+
+        class StopAfterThree(Recorder):
+            def __call__(self, batch):
+                out = super().__call__(batch)
+                if len(self.shapes) == 3:
+                    cancel.set()  # during the third call: it finishes, the fourth never starts
+                return out
+
+        stopper = StopAfterThree(models[name][0])
+        Engine([recorder]).segment(scan())
+        assert len(recorder.shapes) > 3  # the whole scan takes more calls than that
+        with pytest.raises(InferenceCancelled):
+            Engine([stopper]).segment(scan(), tta=True, cancel=cancel)
+        assert len(stopper.shapes) == 3
 
 
 class TestEngine:

@@ -72,7 +72,7 @@ class TestHealth:
         assert httpx.get(empty_server.url + "/healthz").status_code == 200
         body = assert_problem(httpx.get(empty_server.url + "/readyz"), 503)
         assert "not ready" in body["detail"] and "holds no NAME.onnx models" in body["detail"]
-        assert httpx.get(empty_server.url + "/models").json() == {"default": None, "models": []}
+        assert httpx.get(empty_server.url + "/models").json() == {"default": None, "models": [], "failed": {}}
         warning = [line for line in empty_server.logs().splitlines() if "NOT READY" in line]
         assert len(warning) == 1 and " WARNING " in warning[0] and "holds no NAME.onnx models" in warning[0]
 

@@ -7,6 +7,7 @@ the data) are exercised without a server; the HTTP behaviour is tested in ``test
 from __future__ import annotations
 
 import asyncio
+import time
 import os
 import re
 import stat
@@ -261,6 +262,38 @@ class TestIdleTimeout:
                 yield body[start : start + len(body) // 5 + 1]
 
         upload = asyncio.run(receive_multipart(steady(), BOUNDARY, tmp_path, max_bytes=1 << 20, idle_timeout_s=0.2))
+        assert set(upload.files) == {"image"}
+
+    def test_trickling_body_is_cut_off_at_the_deadline(self, tmp_path):
+        body = multipart(payloads(["image"]))
+
+        async def trickles():
+            for i in range(len(body)):  # never idle for 0.2 s, but about 0.05 s a byte
+                await asyncio.sleep(0.05)
+                yield body[i : i + 1]
+
+        async def main():
+            return await receive_multipart(
+                trickles(), BOUNDARY, tmp_path, max_bytes=1 << 20, idle_timeout_s=0.2, deadline_s=0.5
+            )
+
+        start = time.monotonic()
+        with pytest.raises(ProblemError, match="did not arrive within 0.5 s") as info:
+            asyncio.run(asyncio.wait_for(main(), 10))
+        assert info.value.status == 408 and info.value.headers.get("Connection") == "close"
+        assert 0.45 < time.monotonic() - start < 2
+
+    def test_deadline_leaves_a_body_in_time_alone(self, tmp_path):
+        body = multipart(payloads(["image"]))
+
+        async def quick():
+            yield body[: len(body) // 2]
+            await asyncio.sleep(0.1)
+            yield body[len(body) // 2 :]
+
+        upload = asyncio.run(
+            receive_multipart(quick(), BOUNDARY, tmp_path, max_bytes=1 << 20, idle_timeout_s=0.2, deadline_s=2)
+        )
         assert set(upload.files) == {"image"}
 
 

@@ -8,9 +8,11 @@ turns the result into JSON or a ``.nii.gz`` reply.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -35,7 +37,7 @@ from service.core.nifti import (
     load_volume,
     mask_to_bytes,
 )
-from service.inference.engine import Engine
+from service.inference.engine import Engine, InferenceCancelled
 from service.registry import ModelRegistry, QueueFullError
 
 __all__ = ["router", "segment_upload", "SegmentOutcome"]
@@ -46,6 +48,9 @@ router = APIRouter(tags=["segmentation"])
 
 RETRY_AFTER_S = 1
 """``Retry-After`` of a 503 for a full queue: retry soon, a slot frees when any inference ends."""
+
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded (metrics, access log) for a request whose client left before its answer; nobody gets it."""
 
 _MULTIPART_BODY = {
     "required": True,
@@ -167,13 +172,19 @@ def read_image(upload: Upload, *, max_voxels: int | None) -> tuple[np.ndarray, G
 
 
 def segment_upload(
-    upload: Upload, engine: Engine, *, tta: bool, max_voxels: int | None
+    upload: Upload,
+    engine: Engine,
+    *,
+    tta: bool,
+    max_voxels: int | None,
+    cancel: threading.Event | None = None,
 ) -> SegmentOutcome:
     """Decode the parts, segment, score against the label if any, and encode the mask (blocking; run in a
     worker thread).
 
     Raises:
         ProblemError: for every input problem (400, 413); see :func:`read_image`.
+        InferenceCancelled: ``cancel`` was set before the inference ended.
     """
     start = time.perf_counter()
     image, geometry = read_image(upload, max_voxels=max_voxels)
@@ -182,7 +193,7 @@ def segment_upload(
         ground_truth, label_geometry = _read(LABEL_PART, upload.label, ndim=3, max_voxels=max_voxels)
         _check_same_grid(LABEL_PART, label_geometry, geometry, upload.image_parts[0])
     decoded = time.perf_counter()
-    result = engine.segment(image, tta=tta)
+    result = engine.segment(image, tta=tta, cancel=cancel)
     del image
     segmented = time.perf_counter()
     metrics = None if ground_truth is None else region_metrics(result.labels, ground_truth, geometry.zooms)
@@ -210,11 +221,19 @@ def segment_upload(
 
 
 def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
-    if not registry.ready:
+    """The model to use; the service serves the models it loaded even when another one failed to load."""
+    if not registry.models:
         raise ProblemError(503, "Not ready", f"the service is not ready: {registry.reason}",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-    name = registry.default if requested is None else requested
     valid = registry.choices
+    if requested is None and registry.default is None:
+        raise ProblemError(
+            503, "Not ready",
+            f"no default model is available ({registry.reason}); name one of {', '.join(valid)} in the query "
+            "parameter 'model'",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    name = registry.default if requested is None else requested
     if name not in valid:
         raise ProblemError(
             422,
@@ -223,6 +242,45 @@ def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
             f"(or leave it out for the default, {registry.default})",
         )
     return name
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects. Call it only once the body has been read: from then on the
+    server's next message for this request can only be ``http.disconnect``."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _run_while_connected(request: Request, registry: ModelRegistry, job: partial) -> SegmentOutcome:
+    """``registry.run(job)``, abandoned as soon as the client disconnects: a queued job leaves the queue, a
+    running one stops before its next network call (``job`` must take a ``cancel`` event), so that its slot
+    frees within one tile instead of after the whole inference.
+
+    Raises:
+        ProblemError: 499 when the client went away (the reply reaches nobody; it is counted and logged).
+    """
+    cancel = threading.Event()
+    work = asyncio.ensure_future(registry.run(partial(job, cancel=cancel)))
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not work.done():
+        cancel.set()
+        work.cancel()
+        try:
+            await work
+        except (asyncio.CancelledError, InferenceCancelled):
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this request itself is being cancelled (server shutdown), not just the work
+        logger.info("client disconnected before the answer; its inference was stopped")
+        raise ProblemError(CLIENT_CLOSED_REQUEST, "Client Closed Request", "the client disconnected")
+    try:
+        return work.result()
+    except InferenceCancelled:  # cancelled by the watcher in the same instant as it finished
+        raise ProblemError(CLIENT_CLOSED_REQUEST, "Client Closed Request", "the client disconnected") from None
 
 
 def _busy(exc: QueueFullError) -> ProblemError:
@@ -266,10 +324,11 @@ async def segment(
         tmp_dir=settings.tmp_dir,
         max_bytes=settings.max_upload_bytes,
         timeout_s=settings.request_timeout_s,
+        deadline_s=settings.upload_timeout_s,
     ) as upload:
         job = partial(segment_upload, upload, engine, tta=query.tta, max_voxels=settings.max_voxels)
         try:
-            outcome: SegmentOutcome = await registry.run(job)
+            outcome = await _run_while_connected(request, registry, job)
         except QueueFullError as exc:
             raise _busy(exc) from None
         body_bytes = upload.body_bytes
