@@ -2,18 +2,23 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+LOCK         := requirements/lock.txt
+SERVICE_LOCK := requirements/service.txt
+# The CPU build of PyTorch: any other torch is a multi-GB CUDA download.
+TORCH_CPU    := torch==2.13.0+cpu
 # PyTorch training on CPU spends a third of its time in page faults with glibc's default allocator settings;
 # these keep freed memory in the process, which suits batch jobs (make models) but not the long-running service.
 BATCH_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: setup run test models demo
+.PHONY: setup run test audit lock models demo
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exact versions from requirements/lock.txt (regenerate it with `make lock`), torch the CPU build included.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[service,train,dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[service,train,dev]'
 	touch $@
 
 run: setup
@@ -21,6 +26,43 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Known vulnerabilities in the locked versions (pip-audit against PyPI's vulnerability data). Fails on one
+# that has a fix; reports, without failing, packages it could not check (AUDIT_FLAGS=--strict fails then too).
+# PyPI knows only public versions, so local labels (2.13.0+cpu) are audited as the release they build.
+AUDIT_FLAGS ?=
+audit: setup
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	sed -E 's/^([A-Za-z0-9._-]+==[^+ ;]+)\+[A-Za-z0-9.]+/\1/' $(LOCK) > "$$tmp/lock.txt" && \
+	sed -E 's/^([A-Za-z0-9._-]+==[^+ ;]+)\+[A-Za-z0-9.]+/\1/' $(SERVICE_LOCK) > "$$tmp/service.txt" && \
+	{ $(VENV)/bin/pip-audit --no-deps --disable-pip --format json --progress-spinner off \
+	    -r "$$tmp/lock.txt" -r "$$tmp/service.txt" -o "$$tmp/report.json" 2> "$$tmp/pip-audit.log" \
+	  || cat "$$tmp/pip-audit.log" >&2; } && \
+	$(PY) scripts/audit.py $(AUDIT_FLAGS) "$$tmp/report.json"
+
+# Regenerate both lock files, each resolved afresh from pyproject.toml in a throw-away venv:
+# requirements/lock.txt what `make setup` installs, requirements/service.txt what the service image installs
+# (`--all` keeps pip and setuptools in the first: pip_api and torch need them at run time).
+comma := ,
+lock:
+	$(call freeze,service$(comma)train$(comma)dev,--all,$(LOCK))
+	$(call freeze,service,,$(SERVICE_LOCK))
+
+# $(call freeze,EXTRAS,FREEZE_FLAGS,OUTPUT): install .[EXTRAS] in a throw-away venv, write its pins to OUTPUT
+# (installed editable, which leaves no build/ folder behind and which --exclude-editable leaves out).
+define freeze
+@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+echo '$(TORCH_CPU)' > "$$tmp/torch.txt" && \
+$(PYTHON) -m venv "$$tmp/venv" && \
+"$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip && \
+"$$tmp/venv/bin/python" -m pip install --quiet -c "$$tmp/torch.txt" -e '.[$(1)]' && \
+{ echo '# Exact versions of what `pip install ".[$(1)]"` installs. Regenerate with `make lock`, which runs'; \
+  echo '# that install in a throw-away venv (torch constrained to $(TORCH_CPU)), then'; \
+  echo '# `pip freeze $(if $(2),$(2) )--exclude-editable` without the project itself. Do not edit by hand.'; \
+  "$$tmp/venv/bin/python" -m pip freeze $(2) --exclude-editable | grep -viE '^brats[-_.]seg( |=|@|$$)'; \
+} > "$$tmp/out" && \
+mkdir -p $(dir $(3)) && mv "$$tmp/out" $(3) && echo "wrote $(3)"
+endef
 
 # Segment fresh synthetic cases with the shipped models, without the service.
 demo: setup
@@ -42,3 +84,8 @@ models: setup
 	  $(BATCH_ENV) $(PY) -m training evaluate --model models/$$arch.onnx --data data/synth-test --out runs/$$arch/eval --update-card \
 	  || exit 1; \
 	done
+
+# Load and soak test of the service on the shipped models: 3 minutes, results in runs/soak/ (README, Robustness).
+.PHONY: soak
+soak: setup
+	$(PY) -m benchmarks.soak

@@ -19,18 +19,24 @@ RUN apt-get update \
     && python3.11 -m venv /opt/venv
 
 WORKDIR /app
+# The service's dependencies at the exact versions of requirements/service.txt (`make lock`), with onnxruntime
+# swapped for onnxruntime-gpu of exactly the locked version (both provide the `onnxruntime` module; the GPU
+# build also runs on CPU); then the project itself, with nothing more resolved (--no-deps). (`pip check` would
+# object that the project asks for `onnxruntime`, which the GPU build provides under another name.)
+COPY requirements/service.txt ./requirements/service.txt
+RUN grep -q '^onnxruntime==' requirements/service.txt \
+    && sed 's/^onnxruntime==/onnxruntime-gpu==/' requirements/service.txt > /tmp/service-gpu.txt \
+    && pip install -r /tmp/service-gpu.txt \
+    && rm /tmp/service-gpu.txt
 COPY pyproject.toml README.md ./
 COPY service ./service
-# The project with its `service` extra, then onnxruntime swapped for onnxruntime-gpu of the same version
-# (both provide the `onnxruntime` module; the GPU build also runs on CPU).
-RUN pip install ".[service]" \
-    && ort="$(python -c 'import importlib.metadata as m; print(m.version("onnxruntime"))')" \
-    && pip uninstall -y onnxruntime \
-    && pip install "onnxruntime-gpu==${ort}" \
+RUN pip install --no-deps . \
     && python -c "import onnxruntime, service.client; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
-# The shipped models as a default; docker-compose.yml mounts ./models over them, read-only.
+# The shipped models as a default; docker-compose.yml mounts ./models over them, read-only. Copied as root and
+# made read-only, so that the service's user cannot change them.
 COPY models ./models
+RUN chmod -R a-w /app/models
 
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin segmenter
 USER 10001

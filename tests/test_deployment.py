@@ -229,9 +229,7 @@ class TestDockerfiles:
     def test_service_image_is_cuda12_with_cudnn_and_onnxruntime_gpu(self, service_df):
         base = service_df.last("FROM")
         assert re.match(r"nvidia/cuda:12\.\d+(\.\d+)?-cudnn[0-9]*-runtime-", base), base
-        installs = " ".join(service_df.all("RUN"))
-        assert "pip install \".[service]\"" in installs or "pip install '.[service]'" in installs
-        assert "pip uninstall -y onnxruntime" in installs and "onnxruntime-gpu" in installs
+        assert "onnxruntime-gpu" in " ".join(service_df.all("RUN"))
 
     def test_service_cmd_port_matches_expose_and_healthcheck(self, service_df):
         cmd = exec_form(service_df.last("CMD"))
@@ -251,6 +249,209 @@ class TestDockerfiles:
     def test_trainer_entrypoint_module_exists(self, trainer_df):
         assert python_module(exec_form(trainer_df.last("ENTRYPOINT"))) == "training"
         assert module_exists("training")
+
+
+# ------------------------------------------------------------------------------- the service image's security
+
+
+def shell_commands(run: str) -> list[list[str]]:
+    """The simple commands of a RUN line (``a && b; c | d``), each as its argv (quotes respected)."""
+    lexer = shlex.shlex(run, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in ("&&", "||", ";", "|", "&"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [argv for argv in commands if argv]
+
+
+def pip_installs(df: Dockerfile) -> list[list[str]]:
+    """The arguments after ``pip install`` of every pip install in ``df``'s RUN lines."""
+    found = []
+    for run in df.all("RUN"):
+        for argv in shell_commands(run):
+            words = argv[2:] if argv[:2] == ["python", "-m"] else argv
+            if words[:2] == ["pip", "install"]:
+                found.append(words[2:])
+    return found
+
+
+class TestServiceImageSecurity:
+    def test_runs_as_a_numeric_non_root_user_that_the_image_creates(self, service_df):
+        # numeric, so that the runtime (Kubernetes runAsNonRoot, docker --user checks) can tell it is not root
+        uid, _, gid = service_df.last("USER").partition(":")
+        assert uid.isdigit() and int(uid) != 0, f"USER {uid} is not a numeric non-root uid"
+        assert not gid or (gid.isdigit() and int(gid) != 0)
+        created = [argv for run in service_df.all("RUN") for argv in shell_commands(run) if argv[0] == "useradd"]
+        assert any(option(argv, "--uid") == uid for argv in created), f"no useradd --uid {uid}"
+        keywords = [kw for kw, _ in service_df.instructions]
+        last_user = max(i for i, kw in enumerate(keywords) if kw == "USER")
+        assert last_user > max(i for i, kw in enumerate(keywords) if kw == "FROM"), "the final stage sets its user"
+
+    def test_models_belong_to_root_and_are_read_only(self, service_df):
+        models_dir = service_df.env()["BRATS_MODELS_DIR"]
+        kinds = [kw for kw, _ in service_df.instructions]
+        copy_at = [
+            i for i, (kw, rest) in enumerate(service_df.instructions)
+            if kw in ("COPY", "ADD") and shlex.split(rest)[-2:-1] == ["models"]
+        ]
+        assert len(copy_at) == 1, "the models are copied once"
+        flags = [w for w in shlex.split(service_df.instructions[copy_at[0]][1]) if w.startswith("--")]
+        assert not any(f.startswith(("--chown", "--chmod")) for f in flags), f"models copied with {flags}"
+        user_at = kinds.index("USER")
+        assert copy_at[0] < user_at, "the models are copied before the image switches to its user"
+        read_only = [
+            i for i, (kw, rest) in enumerate(service_df.instructions)
+            if kw == "RUN" and any(
+                argv[:3] == ["chmod", "-R", "a-w"] and models_dir in argv[3:] for argv in shell_commands(rest)
+            )
+        ]
+        assert read_only and copy_at[0] < read_only[0] < user_at, f"no chmod -R a-w {models_dir} before USER"
+        for run in service_df.all("RUN"):
+            for argv in shell_commands(run):
+                assert argv[0] != "chown", f"RUN {run}: nothing in the image changes owner"
+
+    def test_compose_mounts_the_models_read_only_on_a_read_only_container(self, segmenter):
+        assert segmenter["read_only"] is True
+        models_dir = compose_env(segmenter)["BRATS_MODELS_DIR"]
+        modes = {v.split(":")[1]: v.split(":")[2:] for v in segmenter["volumes"] if isinstance(v, str)}
+        assert modes[models_dir] == ["ro"]
+        assert str(segmenter.get("user", "10001")).split(":")[0] not in ("0", "root")
+        assert not segmenter.get("privileged", False)
+
+    def test_installs_the_locked_versions_and_nothing_else(self, service_df):
+        lock = "requirements/service.txt"
+        assert any(lock in sources for sources, _ in service_df.copies()), f"the image does not copy {lock}"
+        installs = pip_installs(service_df)
+        assert installs, "the image installs nothing"
+        for args in installs:
+            # every install is a requirements file (exact pins) or the project without dependencies
+            assert "-r" in args or "--no-deps" in args, f"pip install {' '.join(args)} resolves versions freely"
+        project = [args for args in installs if "." in args]
+        assert project and all("--no-deps" in args for args in project)
+        assert all(not a.startswith(("-e", "--upgrade", "-U")) for args in installs for a in args)
+
+    def test_onnxruntime_gpu_is_exactly_the_locked_onnxruntime(self, service_df, tmp_path):
+        """Run the image's own commands that derive its requirements from the lock, and read what they make."""
+        (tmp_path / "requirements").mkdir()
+        lock = ROOT / "requirements" / "service.txt"
+        (tmp_path / "requirements" / "service.txt").write_bytes(lock.read_bytes())
+        [run] = [r for r in service_df.all("RUN") if "requirements/service.txt" in r]
+        commands = [c.strip() for c in run.split("&&")]
+        installs = [c for c in commands if c.startswith("pip install")]
+        assert len(installs) == 1
+        prepare = [c for c in commands[: commands.index(installs[0])]]
+        script = " && ".join(prepare).replace("/tmp/", f"{tmp_path}/")
+        subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True, timeout=30)
+        installed = Path(option(shlex.split(installs[0]), "-r").replace("/tmp/", f"{tmp_path}/"))
+        pins = read_pins(installed if installed.is_absolute() else tmp_path / installed)
+        locked = read_pins(lock)
+        assert "onnxruntime" not in pins
+        assert pins.pop("onnxruntime-gpu") == locked.pop("onnxruntime")
+        assert pins == locked
+
+
+# ---------------------------------------------------------------------------------------------- lock files
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file -> {normalised name: version}; anything else fails."""
+    pins: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)", line)
+        assert match, f"{path.name}: {line!r} is not an exact pin name==version"
+        name = re.sub(r"[-_.]+", "-", match.group(1)).lower()
+        assert name not in pins, f"{path.name} pins {name} twice"
+        pins[name] = match.group(2)
+    return pins
+
+
+def project_requirements(*extras: str) -> list:
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = list(project["dependencies"])
+    for extra in extras:
+        specs += project["optional-dependencies"][extra]
+    return [Requirement(spec) for spec in specs]
+
+
+def normalised(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+LOCKS = {
+    "requirements/lock.txt": ("service", "train", "dev"),
+    "requirements/service.txt": ("service",),
+}
+
+
+class TestLocks:
+    @pytest.mark.parametrize("path", list(LOCKS))
+    def test_says_how_it_is_regenerated(self, path):
+        lines = (ROOT / path).read_text().splitlines()
+        header = " ".join(line for line in lines[: next(i for i, l in enumerate(lines) if not l.startswith("#"))])
+        assert lines[0].startswith("#") and "make lock" in header
+
+    @pytest.mark.parametrize("path, extras", list(LOCKS.items()))
+    def test_pins_every_declared_dependency_within_its_range(self, path, extras):
+        pins = read_pins(ROOT / path)
+        for requirement in project_requirements(*extras):
+            name = normalised(requirement.name)
+            assert name in pins, f"{path} lacks {requirement.name}"
+            assert requirement.specifier.contains(pins[name], prereleases=True), (
+                f"{path} pins {name}=={pins[name]}, outside pyproject.toml's {requirement}"
+            )
+
+    @pytest.mark.parametrize("path", list(LOCKS))
+    def test_closed_under_the_installed_dependency_metadata(self, path):
+        """Every dependency of every pinned package (as the installed copy of that version declares it) is
+        pinned too: nothing is left for pip to choose."""
+        from importlib import metadata
+
+        from packaging.requirements import Requirement
+
+        pins = read_pins(ROOT / path)
+        checked = 0
+        for name, version in pins.items():
+            try:
+                dist = metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                continue
+            if dist.version != version:
+                continue
+            checked += 1
+            for spec in dist.requires or []:
+                requirement = Requirement(spec)
+                if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                    continue
+                assert normalised(requirement.name) in pins, f"{path}: {name} needs {requirement.name}, not pinned"
+        assert checked >= len(pins) // 2, "the environment does not hold the locked versions; run make setup"
+
+    def test_service_lock_is_the_tested_versions_without_training_or_dev_tools(self):
+        service, full = read_pins(ROOT / "requirements/service.txt"), read_pins(ROOT / "requirements/lock.txt")
+        for name, version in service.items():
+            assert full.get(name) == version, f"the image would run {name} {version}, the tests {full.get(name)}"
+        for name in ("torch", "monai", "onnx", "nilearn", "pytest", "pip-audit", "schemathesis"):
+            assert name not in service, f"requirements/service.txt holds {name}, which the service does not need"
+        assert "brats-seg" not in service and "brats-seg" not in full
+
+    def test_torch_is_the_cpu_build(self):
+        assert read_pins(ROOT / "requirements/lock.txt")["torch"].endswith("+cpu")
+
+    def test_setup_installs_with_the_lock_as_constraints(self):
+        makefile = (ROOT / "Makefile").read_text()
+        assert re.search(r"^LOCK\s*:=\s*requirements/lock\.txt$", makefile, re.M)
+        stamp = re.search(r"^\$\(VENV\)/\.installed:(.*)$", makefile, re.M)
+        assert stamp and "$(LOCK)" in stamp.group(1).split()
+        assert "-c $(LOCK) -e '.[service,train,dev]'" in makefile
 
 
 # ------------------------------------------------------------------------------------------------ compose
