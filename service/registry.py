@@ -104,6 +104,9 @@ class ModelRegistry:
             try:
                 model = load_model(
                     path,
+                    backend=s.backend,
+                    precision=s.precision,
+                    batch_size=s.batch_size,
                     providers=s.providers or None,
                     intra_op_threads=s.threads,
                     cudnn_conv_algo_search=s.cudnn_conv_algo_search,
@@ -145,7 +148,8 @@ class ModelRegistry:
         self.metrics.ready.set(1)
         logger.info(
             "ready: models %s (default %s) on %s in %.1f s",
-            self.names, self.default, sorted({m.provider for m in models.values()}), time.perf_counter() - start,
+            self.names, self.default, sorted({f"{m.provider} {m.precision}" for m in models.values()}),
+            time.perf_counter() - start,
         )
 
     def _not_ready(self, reason: str) -> None:

@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     """Largest volume, in voxels per volume as its header claims (default 64 Mi); more is refused with 413
     before anything is inflated."""
 
+    backend: Literal["auto", "onnxruntime", "openvino"] = "auto"
+    """What runs the models: ``onnxruntime`` (CUDA when a GPU is usable, else its CPU provider), ``openvino``
+    (x86 CPUs, several times faster there), or ``auto``: CUDA through ONNX Runtime when a GPU is usable, else
+    OpenVINO when installed on an x86 CPU, else ONNX Runtime on the CPU. ``GET /models`` shows the choice."""
+
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """``fp32``, or ``bf16`` (OpenVINO on a CPU with AMX or AVX512-BF16 only); ``auto``: bf16 where the CPU has
+    it and OpenVINO runs, else fp32."""
+
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """ONNX Runtime execution providers in order of preference, e.g. ``CPUExecutionProvider``; empty means
     CUDA when this build has it, else the CPU."""

@@ -113,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--max-cases", type=int, default=0, help="evaluate at most N cases (0: all)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per network call (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="what runs the models (default onnxruntime, what model cards record)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 needs --backend openvino on a CPU with AMX or AVX512-BF16 (default fp32)")
     p.add_argument("--update-card", action="store_true",
                    help="write the result into the model card's `validation` (single model only)")
     return parser
@@ -223,8 +227,11 @@ def _evaluate(args, command: str) -> int:
         raise ValueError(f"--max-cases must be 0 or more, got {args.max_cases}")
     if args.update_card and len(args.model) != 1:
         raise ValueError("--update-card takes exactly one --model (an ensemble has no card of its own)")
+    if args.update_card and (args.backend, args.precision) != ("onnxruntime", "fp32"):
+        raise ValueError("--update-card records ONNX Runtime fp32 figures; leave out --backend and --precision")
     summary = evaluate(args.model, args.data, args.out, tta=args.tta, overlap=args.overlap,
-                       max_cases=args.max_cases, threads=args.threads, batch_size=args.batch_size)
+                       max_cases=args.max_cases, threads=args.threads, batch_size=args.batch_size,
+                       backend=args.backend, precision=args.precision)
     print(json.dumps({k: summary[k] for k in ("cases", "dice", "hd95_mm", "seconds_per_case")}))
     if args.update_card:
         update_card(args.model[0], validation=card_validation(summary))

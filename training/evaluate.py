@@ -23,17 +23,21 @@ log = logging.getLogger(__name__)
 
 def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *, tta: bool = False,
              overlap: float = 0.5, max_cases: int = 0, threads: int | None = None, batch_size: int = 1,
-             progress: bool = True) -> dict:
+             backend: str = "onnxruntime", precision: str = "fp32", progress: bool = True) -> dict:
     """Segment every labelled case under ``data`` and score it against its ground truth.
 
-    Several model paths form an ensemble (averaged probabilities). Writes ``out/cases.csv`` (one row per
+    Several model paths form an ensemble (averaged probabilities). ``backend`` and ``precision`` are those of
+    the service (:func:`service.inference.backends.open_backend`); model cards record ONNX Runtime fp32. Writes ``out/cases.csv`` (one row per
     case) and ``out/summary.json`` (means per region; HD95 means both over the cases where it is defined
     and, labelled as such, with the BraTS substitute of 373.13 mm where exactly one mask is empty).
 
     Returns:
         The summary dictionary written to ``summary.json``.
     """
-    models = [OnnxModel(Path(p), intra_op_threads=threads) for p in model_paths]
+    models = [
+        OnnxModel(Path(p), backend=backend, precision=precision, intra_op_threads=threads, batch_size=batch_size)
+        for p in model_paths
+    ]
     engine = Engine(models, overlap=overlap, batch_size=batch_size)
     cases = [case for case in find_cases(data) if case.label is not None]
     if not cases:
@@ -58,11 +62,14 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
 
     summary = summarize(rows)
     summary.update({
-        "models": [{"name": m.name, "sha256": m.sha256[:12], "provider": m.provider} for m in models],
+        "models": [
+            {"name": m.name, "sha256": m.sha256[:12], "provider": m.provider, "precision": m.precision}
+            for m in models
+        ],
         "data": str(data) if not Path(data).is_absolute() else Path(data).name,  # no local paths in cards
         "tta": tta,
         "overlap": overlap,
-        "runtime": f"onnxruntime {ort.__version__}",
+        "runtime": runtime_version(models[0].backend),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     })
     _write_csv(out / "cases.csv", rows)
@@ -70,6 +77,15 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / "summary.json")
     return summary
+
+
+def runtime_version(backend: str) -> str:
+    """``onnxruntime 1.x`` or ``openvino 2026.x``: the library that ran the models."""
+    if backend == "openvino":
+        import openvino
+
+        return f"openvino {openvino.__version__.split('-')[0]}"
+    return f"onnxruntime {ort.__version__}"
 
 
 def summarize(rows: list[dict]) -> dict:

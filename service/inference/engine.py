@@ -1,8 +1,9 @@
-"""ONNX Runtime models and the segmentation engine: preprocess, sliding window, sigmoid, ensemble and TTA.
+"""Exported models and the segmentation engine: preprocess, sliding window, sigmoid, ensemble and TTA.
 
 A model is ``NAME.onnx`` with its card ``NAME.json`` beside it (:mod:`service.inference.card`). Loading
 checks the card against the ONNX file (sha256, the card copy in its metadata, input rank and channels)
-so that a model is never served with the wrong assumptions.
+so that a model is never served with the wrong assumptions. A backend (:mod:`service.inference.backends`:
+ONNX Runtime or OpenVINO) runs it.
 
 2D models are served by the same sliding window as 3D ones, over the volume with a patch
 ``(px, py, 1)``: each tile is one axial slice (or an in-plane part of one), the depth axis of size 1 is
@@ -28,17 +29,21 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from service.core.labels import regions_to_labels
 from service.core.preprocess import preprocess, uncrop
+from service.inference.backends import (  # noqa: F401  (provider_list, session_options: part of this API)
+    CUDNN_CONV_ALGO_SEARCH,
+    DEFAULT_PROVIDERS,
+    Backend,
+    open_backend,
+    provider_list,
+    session_options,
+)
 from service.inference.card import ModelCard, card_path, file_sha256, read_card
 from service.inference.tiling import sliding_window
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-CUDNN_CONV_ALGO_SEARCH: tuple[str, ...] = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 # Card fields that change what inference does; these must agree between NAME.json and the ONNX metadata.
 INFERENCE_FIELDS: tuple[str, ...] = (
@@ -81,78 +86,39 @@ def sigmoid(x: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def provider_list(
-    wanted: Sequence[str],
-    available: Sequence[str],
-    *,
-    cudnn_conv_algo_search: str = "EXHAUSTIVE",
-    gpu_mem_limit: int | None = None,
-) -> list[str | tuple[str, dict[str, str]]]:
-    """ONNX Runtime ``providers`` argument: ``wanted`` in order, those not ``available`` left out.
-
-    CUDA gets its options: the cuDNN convolution algorithm search, and an arena that grows by what is
-    asked for (``kSameAsRequested``) rather than doubling, so that large 3D activations do not reserve
-    twice their size, capped at ``gpu_mem_limit`` bytes when given.
-    """
-    if cudnn_conv_algo_search not in CUDNN_CONV_ALGO_SEARCH:
-        raise ValueError(
-            f"cudnn_conv_algo_search must be one of {list(CUDNN_CONV_ALGO_SEARCH)}, got {cudnn_conv_algo_search!r}"
-        )
-    providers: list[str | tuple[str, dict[str, str]]] = []
-    for name in wanted:
-        if name not in available:
-            continue
-        if name == "CUDAExecutionProvider":
-            options = {"cudnn_conv_algo_search": cudnn_conv_algo_search, "arena_extend_strategy": "kSameAsRequested"}
-            if gpu_mem_limit is not None:
-                options["gpu_mem_limit"] = str(int(gpu_mem_limit))
-            providers.append((name, options))
-        else:
-            providers.append(name)
-    return providers
-
-
-def session_options(intra_op_threads: int | None = None) -> ort.SessionOptions:
-    """Session options set on purpose: all graph optimisations, sequential execution, optional thread count."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if intra_op_threads is not None:
-        if intra_op_threads < 1:
-            raise ValueError(
-                f"intra_op_threads must be at least 1 (or None for ONNX Runtime's default), got {intra_op_threads}"
-            )
-        options.intra_op_num_threads = int(intra_op_threads)
-    return options
-
-
 class OnnxModel:
-    """One exported network, its validated card and its ONNX Runtime session.
+    """One exported network, its validated card and the backend that runs it.
 
     Args:
         path: ``NAME.onnx``; its card ``NAME.json`` must lie beside it.
-        providers: execution providers in order of preference; default CUDA then CPU, whichever this
-            ONNX Runtime build has. Naming one that it lacks is an error.
-        intra_op_threads: threads per operator; ``None`` leaves ONNX Runtime's default (all cores).
+        backend: ``auto``, ``onnxruntime`` or ``openvino`` (see :func:`~service.inference.backends.open_backend`).
+        precision: ``auto``, ``fp32`` or ``bf16`` (OpenVINO on a CPU with bf16 only).
+        providers: ONNX Runtime execution providers in order of preference; default CUDA then CPU, whichever
+            this build has. Naming one that it lacks is an error.
+        intra_op_threads: threads per operator; ``None`` leaves the backend's default (all cores).
         cudnn_conv_algo_search: ``"EXHAUSTIVE"`` (benchmark once per input shape; the patch and batch
             are fixed, so this is paid on the first call) or ``"HEURISTIC"`` (no benchmark), for CUDA.
         gpu_mem_limit: cap of the CUDA memory arena in bytes (``None``: no cap).
+        batch_size: windows per call the backend prepares for (OpenVINO compiles for it).
 
     Raises:
         ValueError: naming the file, if the model or its card is missing or invalid, the card has no sha256
             (export the model again), the card's sha256 or its copy in the ONNX metadata disagree with the
-            file, or the network's input or output does not have the card's ``in_channels``,
-            ``spatial_dims`` (and ``patch_size``, where the dims are fixed).
+            file, the network's input or output does not have the card's ``in_channels``, ``spatial_dims``
+            (and ``patch_size``, where the dims are fixed), or the backend cannot run it.
     """
 
     def __init__(
         self,
         path: str | Path,
         *,
+        backend: str = "auto",
+        precision: str = "auto",
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
         gpu_mem_limit: int | None = None,
+        batch_size: int = 1,
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
@@ -169,28 +135,27 @@ class OnnxModel:
                 f"{self.path}: sha256 {self.sha256[:12]} does not match {card_path(self.path).name} "
                 f"({self.card.sha256[:12]}); the file changed after export, export it again"
             )
-        available = ort.get_available_providers()
-        if providers is None:
-            wanted = list(DEFAULT_PROVIDERS)
-        else:
-            wanted = list(providers)
-            missing = [p for p in wanted if p not in available]
-            if missing:
-                raise ValueError(f"execution providers {missing} are not available; this build has {available}")
-        chosen = provider_list(
-            wanted, available, cudnn_conv_algo_search=cudnn_conv_algo_search, gpu_mem_limit=gpu_mem_limit
-        )
-        if not chosen:
-            raise ValueError(f"none of the execution providers {wanted} is available; this build has {available}")
         try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(intra_op_threads), providers=chosen
+            self.runtime: Backend = open_backend(
+                self.path,
+                backend=backend,
+                precision=precision,
+                providers=providers,
+                threads=intra_op_threads,
+                cudnn_conv_algo_search=cudnn_conv_algo_search,
+                gpu_mem_limit=gpu_mem_limit,
+                patch_size=self.card.patch_size,
+                batch_size=batch_size,
+                in_channels=self.card.in_channels,
             )
-        except Exception as exc:  # ONNX Runtime raises its own types for corrupt or unsupported files
-            raise ValueError(f"{self.path}: ONNX Runtime cannot load the model: {exc}") from exc
+        except ValueError as exc:
+            message = str(exc)
+            raise ValueError(message if message.startswith(str(self.path)) else f"{self.path}: {message}") from exc
         self._check_metadata()
-        self._input, self._output = self._check_signature()
-        logger.info("loaded model %s (%s) on %s", self.name, self.sha256[:12], self.provider)
+        self._check_signature()
+        logger.info(
+            "loaded model %s (%s) on %s, %s", self.name, self.sha256[:12], self.provider, self.runtime.precision
+        )
 
     @property
     def name(self) -> str:
@@ -198,15 +163,31 @@ class OnnxModel:
 
     @property
     def provider(self) -> str:
-        """The execution provider the session really uses (ONNX Runtime may fall back to the CPU)."""
-        return self.session.get_providers()[0]
+        """What really runs the model: the ONNX Runtime execution provider (it may fall back to the CPU), or
+        ``OpenVINO CPU``."""
+        return self.runtime.provider
+
+    @property
+    def backend(self) -> str:
+        """``onnxruntime`` or ``openvino``."""
+        return self.runtime.backend
+
+    @property
+    def device(self) -> str:
+        """``CPU`` or ``GPU``."""
+        return self.runtime.device
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``bf16``: the precision the network really runs in."""
+        return self.runtime.precision
 
     @property
     def spatial_dims(self) -> int:
         return self.card.spatial_dims
 
     def _check_metadata(self) -> None:
-        props = self.session.get_modelmeta().custom_metadata_map
+        props = self.runtime.metadata
         if not any(key in ModelCard.model_fields for key in props):
             logger.warning("%s: no model card in the ONNX metadata; trusting %s", self.path, card_path(self.path).name)
             return
@@ -220,36 +201,35 @@ class OnnxModel:
                 f"{self.path}: {card_path(self.path).name} disagrees with the card in the ONNX metadata on {differ}"
             )
 
-    def _check_signature(self) -> tuple[str, str]:
+    def _check_signature(self) -> None:
         card = self.card
         rank = 2 + card.spatial_dims
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        inputs, outputs = self.runtime.inputs, self.runtime.outputs
         if len(inputs) != 1:
             raise ValueError(f"{self.path}: expected one input, the network has {[i.name for i in inputs]}")
         checks = [
             ("input", inputs[0], card.in_channels, card.patch_size),
             ("output", outputs[0], len(card.output.channels), card.patch_size),
         ]
-        for what, arg, channels, patch in checks:
-            shape = list(arg.shape)
-            if arg.type != "tensor(float)":
-                raise ValueError(f"{self.path}: {what} {arg.name!r} must be float32, it is {arg.type}")
+        for what, port, channels, patch in checks:
+            shape = list(port.shape)
+            if port.dtype != "float32":
+                raise ValueError(f"{self.path}: {what} {port.name!r} must be float32, it is {port.dtype}")
             if len(shape) != rank:
                 raise ValueError(
-                    f"{self.path}: {what} {arg.name!r} has shape {shape}, but the card says spatial_dims "
+                    f"{self.path}: {what} {port.name!r} has shape {shape}, but the card says spatial_dims "
                     f"{card.spatial_dims}, i.e. (N, C, {', '.join('XYZ'[: card.spatial_dims])})"
                 )
-            if isinstance(shape[1], int) and shape[1] != channels:
+            if shape[1] is not None and shape[1] != channels:
                 raise ValueError(
-                    f"{self.path}: {what} {arg.name!r} has {shape[1]} channels, the card says {channels}"
+                    f"{self.path}: {what} {port.name!r} has {shape[1]} channels, the card says {channels}"
                 )
-            fixed = [(s, p) for s, p in zip(shape[2:], patch) if isinstance(s, int)]
+            fixed = [(s, p) for s, p in zip(shape[2:], patch) if s is not None]
             if any(s != p for s, p in fixed):
                 raise ValueError(
-                    f"{self.path}: {what} {arg.name!r} has fixed spatial size {shape[2:]}, "
+                    f"{self.path}: {what} {port.name!r} has fixed spatial size {shape[2:]}, "
                     f"the card's patch_size is {list(patch)}"
                 )
-        return inputs[0].name, outputs[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Logits for a batch.
@@ -266,11 +246,13 @@ class OnnxModel:
                 f"model {self.name} expects a batch (B, {self.card.in_channels}, "
                 f"{', '.join('XYZ'[: self.spatial_dims])}), got shape {batch.shape}"
             )
-        (logits,) = self.session.run([self._output], {self._input: batch})
-        return logits
+        return self.runtime(batch)
 
     def __repr__(self) -> str:
-        return f"OnnxModel({self.name!r}, {self.card.architecture}, {self.spatial_dims}D, {self.provider})"
+        return (
+            f"OnnxModel({self.name!r}, {self.card.architecture}, {self.spatial_dims}D, {self.provider}, "
+            f"{self.precision})"
+        )
 
 
 def model_paths(models_dir: str | Path) -> list[Path]:
@@ -288,27 +270,15 @@ def model_paths(models_dir: str | Path) -> list[Path]:
     return paths
 
 
-def load_model(
-    path: str | Path,
-    *,
-    providers: Sequence[str] | None = None,
-    intra_op_threads: int | None = None,
-    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
-    gpu_mem_limit: int | None = None,
-) -> OnnxModel:
-    """One :class:`OnnxModel`, whose card's ``name`` must be its file's ``NAME``.
+def load_model(path: str | Path, **options: Any) -> OnnxModel:
+    """One :class:`OnnxModel` (``options`` are its keyword arguments), whose card's ``name`` must be its file's
+    ``NAME``.
 
     Raises:
         ValueError: :class:`OnnxModel`'s checks fail, or the card's ``name`` is not the file's ``NAME``.
     """
     path = Path(path)
-    model = OnnxModel(
-        path,
-        providers=providers,
-        intra_op_threads=intra_op_threads,
-        cudnn_conv_algo_search=cudnn_conv_algo_search,
-        gpu_mem_limit=gpu_mem_limit,
-    )
+    model = OnnxModel(path, **options)
     if model.name != path.stem:
         raise ValueError(f"{card_path(path)}: card name {model.name!r} differs from the file name {path.stem!r}")
     return model

@@ -44,8 +44,10 @@ FULL = SHAPE
 
 
 def open_model(path, **kwargs) -> OnnxModel:
-    """Open on the CPU unless told otherwise (on a GPU host too), one thread: the same numbers everywhere."""
+    """ONNX Runtime on the CPU unless told otherwise (on a GPU host too), one thread: the same numbers everywhere.
+    The OpenVINO backend has its own tests (test_backends.py)."""
     kwargs.setdefault("providers", ["CPUExecutionProvider"])
+    kwargs.setdefault("backend", "onnxruntime")
     return OnnxModel(path, intra_op_threads=1, **kwargs)
 
 
@@ -176,7 +178,8 @@ class TestOnnxModel:
         assert model.provider == "CPUExecutionProvider"  # asked for by open_model, whatever the host has
         assert model.name == "point3d" and model.spatial_dims == 3 and model.card.patch_size == (8, 8, 8)
         assert model.sha256 == file_sha256(model.path)
-        options = model.session.get_session_options()
+        assert (model.backend, model.device, model.precision) == ("onnxruntime", "CPU", "fp32")
+        options = model.runtime.session.get_session_options()
         assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
         assert options.intra_op_num_threads == 1
@@ -195,7 +198,7 @@ class TestOnnxModel:
             model(np.zeros((1, 3, 4, 4, 4), np.float32))
 
     def test_default_providers_take_the_best_available(self, models):
-        model = OnnxModel(models["point3d"][0].path, intra_op_threads=1)
+        model = OnnxModel(models["point3d"][0].path, backend="onnxruntime", intra_op_threads=1)
         available = ort.get_available_providers()
         assert model.provider in [p for p in DEFAULT_PROVIDERS if p in available]  # CUDA may fall back to CPU
 
@@ -216,7 +219,7 @@ class TestLoadModels:
         build_model(tmp_path, "zeta", *pointwise_weights(), patch_size=(8, 8, 8))
         build_model(tmp_path, "alpha", *pointwise_weights(spatial_dims=2), patch_size=(8, 8))
         (tmp_path / "notes.txt").write_text("not a model")
-        models = load_models(tmp_path, providers=["CPUExecutionProvider"], intra_op_threads=1)
+        models = load_models(tmp_path, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1)
         assert list(models) == ["alpha", "zeta"]
         assert [m.spatial_dims for m in models.values()] == [2, 3]
         assert {m.provider for m in models.values()} == {"CPUExecutionProvider"}
@@ -294,7 +297,7 @@ class TestLoadModels:
         path.write_bytes(b"not a protobuf at all")
         card = ModelCard.model_validate_json(card_path(path).read_text())
         write_card(card.model_copy(update={"sha256": file_sha256(path)}), card_path(path))
-        with pytest.raises(ValueError, match=r"broken\.onnx: ONNX Runtime cannot load the model"):
+        with pytest.raises(ValueError, match=r"broken\.onnx: (ONNX Runtime cannot load|OpenVINO cannot read) the model"):
             load_models(tmp_path)
 
 

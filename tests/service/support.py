@@ -149,10 +149,12 @@ class Server:
 
 
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The test process's environment without any ``BRATS_*`` variable, CPU only, one thread per model."""
+    """The test process's environment without any ``BRATS_*`` variable: ONNX Runtime on the CPU (the same
+    numbers on every host; tests of the other backends set ``BRATS_BACKEND`` themselves), one thread per model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BRATS_")}
     env.update(
         {
+            "BRATS_BACKEND": "onnxruntime",
             "BRATS_PROVIDERS": "CPUExecutionProvider",
             "BRATS_THREADS": "1",
             "OMP_NUM_THREADS": "1",
