@@ -18,11 +18,53 @@ from typing import Any, Mapping, Sequence
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """The body of every error reply (RFC 9457 problem details), as the OpenAPI document shows it."""
+
+    type: str = Field(description="A URI naming the problem type; `about:blank` means: see the status code.")
+    title: str = Field(description="A short summary of the problem type.")
+    status: int = Field(ge=400, le=599, description="The HTTP status code of the reply.")
+    detail: str = Field(description="What went wrong in this request and what to do about it.")
+
+
+PROBLEM_SCHEMA: dict[str, Any] = Problem.model_json_schema()
+"""The JSON schema of :class:`Problem`, inlined where the OpenAPI document describes an error reply."""
+
+OPTIONAL_API_KEY: dict[str, Any] = {"security": [{}]}
+"""``openapi_extra`` of an operation whose ``X-API-Key`` is required only when the operator configures keys: FastAPI
+lists the key scheme, and this adds the alternative of no key at all (OpenAPI's empty security requirement)."""
+
+_WWW_AUTHENTICATE_DOC = {"WWW-Authenticate": "`ApiKey`: send a key in the X-API-Key header."}
+
+
+def problem_responses(
+    descriptions: Mapping[int, str], *, headers: Mapping[int, Mapping[str, str]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses: ``application/problem+json`` bodies of the
+    :class:`Problem` schema, and the headers sent with them (a 401 always carries ``WWW-Authenticate``).
+
+    Args:
+        descriptions: Status code -> when the operation answers it.
+        headers: Status code -> more headers of that reply, name -> description (``Retry-After`` of a 503).
+    """
+    extra = {401: _WWW_AUTHENTICATE_DOC, **(headers or {})}
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status, description in descriptions.items():
+        entry: dict[str, Any] = {"description": description, "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}}
+        if status in extra:
+            entry["headers"] = {
+                name: {"description": text, "schema": {"type": "string"}} for name, text in extra[status].items()
+            }
+        responses[status] = entry
+    return responses
 
 
 class ProblemError(Exception):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -112,9 +113,14 @@ def _part_rule_error(problem: str) -> ProblemError:
     return _bad_request(f"{problem}; {EXPECTED_PARTS}")
 
 
+_PLAIN_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{_MAX_NAME_SHOWN}}}")
+
+
 def _shown(name: str) -> str:
-    """A client-chosen part name, quoted and shortened for an error detail."""
-    return repr(name if len(name) <= _MAX_NAME_SHOWN else name[:_MAX_NAME_SHOWN] + "...")
+    """A client-chosen part name for an error detail: quoted when it is a short plain token (``seg``,
+    ``FLAIR``), else not shown at all, since a damaged header can run the part name into the file name, which
+    may carry patient data."""
+    return repr(name) if _PLAIN_NAME.fullmatch(name) else "with a name that is not a plain word"
 
 
 def check_content_type(headers: Headers | Mapping[str, str]) -> bytes:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import math
 import os
+import stat
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Union
@@ -228,7 +231,7 @@ def _inflate(fileobj: io.BufferedIOBase, limit: int, *, path: PathLike, whole: b
     except zlib.error as err:
         raise NiftiError(_zlib_reason(err), path=path) from err
     data = b"".join(out)
-    if whole and not decomp.eof:
+    if not decomp.eof and (whole or size <= limit):  # the input ran out inside a gzip stream
         raise NiftiError("the gzip data is truncated (it ends before its end-of-stream marker)", path=path)
     return data if whole else data[:limit]
 
@@ -247,7 +250,8 @@ def _parse_header(raw: bytes, path: PathLike) -> NiftiHeader:
     """Parse a single-file NIfTI-1/2 header from the first bytes of a file, without nibabel's fixes."""
     if len(raw) < 4:
         raise NiftiError("not a NIfTI file (it is empty or only a few bytes long)", path=path)
-    sizes = {int.from_bytes(raw[:4], "little"), int.from_bytes(raw[:4], "big")}
+    little = int.from_bytes(raw[:4], "little")
+    sizes = {little, int.from_bytes(raw[:4], "big")}
     if _NIFTI2_SIZE in sizes:
         klass, version, size = nib.Nifti2Header, "NIfTI-2", _NIFTI2_SIZE
         magic, expected_magic, pair_magic = raw[4:12], _NIFTI2_MAGIC, _NIFTI2_PAIR_MAGIC
@@ -264,8 +268,11 @@ def _parse_header(raw: bytes, path: PathLike) -> NiftiHeader:
         )
     if magic != expected_magic:
         raise NiftiError(f"not a NIfTI file (the {version} magic string is missing)", path=path)
+    # The byte order is the one that makes sizeof_hdr right (nibabel would guess it from dim[0], which is
+    # what a damaged header gets wrong, and then report every field byte-swapped).
+    endianness = "<" if little == size else ">"
     try:
-        return klass.from_fileobj(io.BytesIO(raw[:size]), check=False)
+        return klass(raw[:size], endianness=endianness, check=False)
     except (HeaderDataError, ValueError) as err:
         raise NiftiError(f"the {version} header cannot be read ({err})", path=path) from err
 
@@ -314,7 +321,12 @@ def _check_header(
     except (HeaderDataError, KeyError, ValueError) as err:
         raise NiftiError(f"unknown voxel data type code {int(header['datatype'])}", path=path) from err
     if dtype.kind not in "biuf" or dtype.itemsize == 0:
-        raise NiftiError(f"unsupported voxel data type {dtype}; expected integer or real values", path=path)
+        code = int(header["datatype"])
+        name = nib.nifti1.data_type_codes.label.get(code, str(dtype))
+        raise NiftiError(
+            f"unsupported voxel data type {name} (datatype code {code}); expected integer or real values",
+            path=path,
+        )
     wanted = shape
     if ndim is not None and len(shape) > ndim and all(s == 1 for s in shape[ndim:]):
         wanted = shape[:ndim]  # (X, Y, Z, 1) is a 3D volume
@@ -330,7 +342,7 @@ def _check_header(
             "each must be a finite positive number of mm",
             path=path,
         )
-    unit = header.get_xyzt_units()[0]
+    unit = _spatial_unit(header, path)
     if unit not in ("mm", "unknown"):  # spacing, volumes and HD95 are in mm, as the output header says
         raise NiftiError(
             f"the header gives voxel sizes in {unit}s; only millimetres are supported: convert the volume to mm",
@@ -344,20 +356,49 @@ def _check_header(
     return wanted, dtype
 
 
-def _read_image(path: PathLike, ndim: int | None, max_voxels: int | None) -> tuple[np.ndarray, NiftiHeader]:
-    """Read and validate a volume; return its raw (scaled, unconverted) voxel array and nibabel header."""
+_SPATIAL_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
+
+
+def _spatial_unit(header: NiftiHeader, path: PathLike) -> str:
+    """The unit of the voxel sizes (``"mm"``, ``"unknown"``, ...), from the spatial bits of ``xyzt_units``.
+
+    The temporal bits are ignored: the time unit plays no part here, and nibabel raises a ``KeyError`` on
+    codes it does not know.
+    """
+    code = int(header["xyzt_units"]) & 0x07
+    if code not in _SPATIAL_UNITS:
+        raise NiftiError(
+            f"the header's spatial units code (xyzt_units & 7) is {code}, which NIfTI does not define; "
+            "expected 2 (mm) or 0 (unknown)",
+            path=path,
+        )
+    return _SPATIAL_UNITS[code]
+
+
+def _read_image(
+    path: PathLike, ndim: int | None, max_voxels: int | None
+) -> tuple[np.ndarray, NiftiHeader, bool]:
+    """Read and validate a volume; return its raw (scaled, unconverted) voxel array, nibabel header, and whether
+    the header's ``scl_slope``/``scl_inter`` scaled the values (nibabel clears them in the returned header)."""
     if ndim is not None and ndim < 3:
         raise ValueError(f"ndim must be None or at least 3, got {ndim}")
     header = read_header(path)
     shape, dtype = _check_header(header, path, ndim, max_voxels)
+    _geometry(_as_nibabel_loads(header), path)  # an impossible qform/sform is refused before any voxel is read
     offset = _data_offset(header, path)
     expected = offset + math.prod(_declared_shape(header, path)) * dtype.itemsize
+    if expected + _TRAILING_SLACK >= sys.maxsize:  # Python integers: no wrap-around, but no read that large
+        raise NiftiError(
+            f"the header declares {expected} bytes of voxel data (shape {shape}, {dtype}), more than any file "
+            "can hold; the header is damaged",
+            path=path,
+        )
     try:
         with open(path, "rb") as f:
             if _is_gzip(f):
                 raw = _inflate(f, expected + _TRAILING_SLACK, path=path, whole=True)
             else:
-                raw = f.read(expected + _TRAILING_SLACK)
+                raw = f.read(_plain_read_size(f, expected + _TRAILING_SLACK))
     except OSError as err:
         raise NiftiError(f"cannot read the file ({err.strerror or err})", path=path) from err
     if len(raw) < expected:
@@ -375,16 +416,36 @@ def _read_image(path: PathLike, ndim: int | None, max_voxels: int | None) -> tup
         raise NiftiError(f"the NIfTI file cannot be decoded ({err})", path=path) from err
     if not np.all(np.isfinite(img.affine)):
         raise NiftiError("the header's affine (qform/sform) holds non-finite numbers", path=path)
-    return data.reshape(shape), img.header
+    return data.reshape(shape), img.header, _is_scaled(header)
+
+
+_NIBABEL_FIXES = logging.getLogger(f"{__name__}.nibabel_fixes")
+_NIBABEL_FIXES.addHandler(logging.NullHandler())
+_NIBABEL_FIXES.propagate = False  # nibabel reports its fixes again, as usual, when it loads the image
+
+
+def _as_nibabel_loads(header: NiftiHeader) -> NiftiHeader:
+    """A copy of ``header`` with the fixes nibabel makes when it loads an image (``pixdim[0]`` of 0 taken as 1,
+    undefined qform/sform codes as 0, ...), so that a check made before loading judges what will be loaded."""
+    fixed = type(header)(header.binaryblock, endianness=header.endianness, check=False)
+    fixed.check_fix(logger=_NIBABEL_FIXES, error_level=60)  # above every level nibabel reports: fix, never raise
+    return fixed
+
+
+def _plain_read_size(f: io.BufferedIOBase, wanted: int) -> int:
+    """``wanted``, capped at the size of a regular file (a read allocates its whole size up front)."""
+    info = os.fstat(f.fileno())
+    return min(wanted, info.st_size) if stat.S_ISREG(info.st_mode) else wanted
 
 
 def _data_offset(header: NiftiHeader, path: PathLike) -> int:
     """The header's ``vox_offset``, checked: finite, past the header itself, and not absurdly far."""
     offset = float(header["vox_offset"])
-    if not math.isfinite(offset) or offset < header.sizeof_hdr or offset > 2**31:
+    minimum = header.sizeof_hdr + 4  # the header, then the 4-byte extension flag of a single .nii file
+    if not math.isfinite(offset) or offset < minimum or offset > 2**31:
         raise NiftiError(
-            f"the header's vox_offset {offset} is invalid; expected where the voxel data starts, at least "
-            f"{header.sizeof_hdr}",
+            f"the header's vox_offset {offset:g} is invalid; expected where the voxel data starts, at least "
+            f"{minimum}",
             path=path,
         )
     return int(header.get_data_offset())
@@ -397,13 +458,26 @@ def _geometry(header: NiftiHeader, path: PathLike) -> Geometry:
         raise NiftiError(f"the header's orientation (qform/sform) is invalid ({err})", path=path) from err
 
 
-def _check_finite(data: np.ndarray, path: PathLike) -> None:
+def _is_scaled(header: NiftiHeader) -> bool:
+    """Whether a header as stored makes nibabel scale the voxels by something other than the identity."""
+    try:
+        slope, inter = header.get_slope_inter()
+    except (HeaderDataError, ValueError):  # a valid slope with a non-finite intercept
+        return True
+    return (slope is not None and slope != 1.0) or (inter is not None and inter != 0.0)
+
+
+def _check_finite(data: np.ndarray, path: PathLike, *, what: str, scaled: bool) -> None:
     if data.dtype.kind == "f":
         bad = data.size - int(np.count_nonzero(np.isfinite(data)))
         if bad:
-            raise NiftiError(
-                f"{bad} voxel values are not finite (NaN or infinity); expected finite intensities", path=path
-            )
+            if scaled:
+                raise NiftiError(
+                    f"{bad} voxel values are not finite (NaN or infinity) once scaled by the header's scl_slope "
+                    "and scl_inter; expected finite values: check the scaling or the voxel data",
+                    path=path,
+                )
+            raise NiftiError(f"{bad} voxel values are not finite (NaN or infinity); expected finite {what}", path=path)
 
 
 def load_volume(
@@ -427,9 +501,10 @@ def load_volume(
             number of axes, unsupported voxel type, zero/negative/non-finite voxel sizes, non-finite affine
             or voxel values.
     """
-    data, header = _read_image(path, ndim, max_voxels)
-    data = np.asarray(data, dtype=np.float32)
-    _check_finite(data, path)
+    data, header, scaled = _read_image(path, ndim, max_voxels)
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
+        data = np.asarray(data, dtype=np.float32)
+    _check_finite(data, path, what="intensities", scaled=scaled)
     return data, _geometry(header, path)
 
 
@@ -450,8 +525,8 @@ def load_label(
         NiftiError: as :func:`load_volume`, and for values that are not whole numbers or not in ``valid``
             (with the default, label 3 included).
     """
-    data, header = _read_image(path, 3, max_voxels)
-    _check_finite(data, path)
+    data, header, scaled = _read_image(path, 3, max_voxels)
+    _check_finite(data, path, what="labels", scaled=scaled)
     if data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
         raise NiftiError("label values must be whole numbers; the file holds fractional values", path=path)
     try:

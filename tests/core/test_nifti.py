@@ -568,3 +568,95 @@ class TestGridMismatch:
         assert grid_mismatch(Geometry.from_affine((4, 5, 6), moved), ref) == (
             "affine differs by up to 0.002 (allowed 0.001 per element)"
         )
+
+
+class TestDamagedHeaders:
+    """Header damage found by mutating files byte by byte: each is a :class:`NiftiError` that says what is wrong."""
+
+    def patched(self, tmp_path, offset: int, fmt: str, value, *, klass=nib.Nifti1Image, gz: bool = False) -> Path:
+        raw = bytearray(make_image(random_volume(), klass=klass).to_bytes())
+        struct.pack_into(fmt, raw, offset, value)
+        path = tmp_path / ("p.nii.gz" if gz else "p.nii")
+        path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+        return path
+
+    def check(self, path: Path, match: str, **kwargs) -> NiftiError:
+        with pytest.raises(NiftiError, match=match) as err:
+            load_volume(path, **kwargs)
+        assert path.name not in err.value.reason
+        return err.value
+
+    @pytest.mark.parametrize(("klass", "offset", "fmt"), [(nib.Nifti1Image, 123, "<B"), (nib.Nifti2Image, 500, "<i")])
+    @pytest.mark.parametrize("units", [4, 5, 7, 7 + 56])
+    def test_undefined_spatial_units_code(self, tmp_path, klass, offset, fmt, units):
+        """nibabel raises KeyError on these codes; they were a crash, not an input error."""
+        path = self.patched(tmp_path, offset, fmt, units, klass=klass)
+        self.check(path, rf"spatial units code \(xyzt_units & 7\) is {units & 7}, which NIfTI does not define")
+
+    @pytest.mark.parametrize("units", [2 + 56, 2 + 64, 0 + 128])
+    def test_undefined_time_units_code_is_ignored(self, tmp_path, units):
+        path = self.patched(tmp_path, 123, "<B", units)
+        assert load_volume(path)[0].shape == SHAPE
+
+    @pytest.mark.parametrize("gz", [False, True])
+    def test_shape_larger_than_any_file_without_a_voxel_limit(self, tmp_path, gz):
+        """A NIfTI-2 dim of 2**62 made an OverflowError (a read of that many bytes) when no limit was set."""
+        path = self.patched(tmp_path, 24, "<q", 2**62, klass=nib.Nifti2Image, gz=gz)
+        self.check(path, "more than any file can hold")
+
+    def test_huge_plain_file_is_truncated_not_a_memory_error(self, tmp_path):
+        """A plain file claiming 2**40 voxels was read with a buffer of that size (MemoryError)."""
+        path = self.patched(tmp_path, 24, "<q", 2**40, klass=nib.Nifti2Image)
+        self.check(path, "the file is truncated: its header declares")
+
+    @pytest.mark.parametrize(("klass", "fmt"), [(nib.Nifti1Image, "<h"), (nib.Nifti2Image, "<q")])
+    @pytest.mark.parametrize("dim0", [0, 8, -3])
+    def test_bad_dim0_is_reported_as_stored(self, tmp_path, klass, fmt, dim0):
+        """The byte order comes from sizeof_hdr: a bad dim[0] is not reported byte-swapped (8 as 2048)."""
+        path = self.patched(tmp_path, 40 if klass is nib.Nifti1Image else 16, fmt, dim0, klass=klass)
+        self.check(path, rf"dim\[0\] is {dim0};")
+
+    def test_big_endian_bad_dim0(self, tmp_path):
+        header = nib.Nifti1Header(endianness=">")
+        header.set_data_shape(SHAPE)
+        raw = bytearray(header.binaryblock + bytes(4) + bytes(4 * int(np.prod(SHAPE))))
+        struct.pack_into(">h", raw, 40, 9)
+        (tmp_path / "b.nii").write_bytes(bytes(raw))
+        self.check(tmp_path / "b.nii", r"dim\[0\] is 9;")
+
+    def test_gzip_that_ends_inside_the_header(self, tmp_path):
+        packed = gzip.compress(make_image(random_volume()).to_bytes())
+        (tmp_path / "t.nii.gz").write_bytes(packed[:60])
+        self.check(tmp_path / "t.nii.gz", "the gzip data is truncated")
+
+    @pytest.mark.parametrize("offset", [348.0, 349.0, 351.0])
+    def test_vox_offset_inside_the_extension_flag(self, tmp_path, offset):
+        self.check(self.patched(tmp_path, 108, "<f", offset), "vox_offset .* is invalid; .* at least 352")
+
+    def test_impossible_orientation_is_refused_before_the_voxels(self, tmp_path):
+        """sform unused, quaternion not a rotation, voxel data missing: the orientation is what is reported."""
+        raw = bytearray(make_image(random_volume(), qform_code=1, sform_code=0).to_bytes())
+        struct.pack_into("<fff", raw, 256, 2.0, 2.0, 0.0)
+        (tmp_path / "q.nii").write_bytes(bytes(raw[:400]))
+        self.check(tmp_path / "q.nii", r"orientation \(qform/sform\) is invalid")
+
+    @pytest.mark.parametrize("qfac", [0.0, 3.0, float("nan")])
+    def test_odd_qfac_is_taken_as_one_as_nibabel_does(self, tmp_path, qfac):
+        """pixdim[0] of 0 is common in real files; the orientation check before loading must not refuse it."""
+        path = self.patched(tmp_path, 76, "<f", qfac)
+        assert load_volume(path)[1].shape == SHAPE
+
+    @pytest.mark.parametrize(("code", "name"), [(128, "RGB"), (2304, "RGBA"), (0, "none"), (1, "binary")])
+    def test_unsupported_data_type_is_named(self, tmp_path, code, name):
+        path = self.patched(tmp_path, 70, "<h", code)
+        self.check(path, rf"unsupported voxel data type {name} \(datatype code {code}\)")
+
+    def test_non_finite_after_scaling_says_so(self, tmp_path):
+        img = make_image(np.full(SHAPE, 1000, np.int16))
+        img.header.set_slope_inter(1e38, 0.0)
+        self.check(write(img, tmp_path / "s.nii"), "not finite .* once scaled by the header's scl_slope")
+
+    def test_non_finite_label_says_labels(self, tmp_path):
+        path = write(make_image(np.full(SHAPE, np.nan, np.float32)), tmp_path / "l.nii")
+        with pytest.raises(NiftiError, match="expected finite labels"):
+            load_label(path)

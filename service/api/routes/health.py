@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import RegistryDep
-from service.api.errors import PROBLEM_JSON, ProblemError
+from service.api.errors import ProblemError, problem_responses
 
 router = APIRouter(tags=["health"])
 
@@ -22,7 +22,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="Readiness: 200 once every configured model is loaded",
-    responses={503: {"content": {PROBLEM_JSON: {}}, "description": "Not ready; `detail` says why."}},
+    responses=problem_responses({503: "Not ready; `detail` says why."}),
 )
 async def readyz(registry: RegistryDep) -> dict[str, object]:
     if not registry.ready:

@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
 from service.api.deps import RegistryDep, SettingsDep
-from service.api.errors import ProblemError
+from service.api.errors import OPTIONAL_API_KEY, ProblemError, problem_responses
 from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, SegmentSummary
 from service.api.uploads import EXPECTED_PARTS, IMAGE_PART, LABEL_PART, Upload, received_upload
 from service.core.labels import MODALITIES
@@ -64,12 +64,16 @@ _MULTIPART_BODY = {
                     IMAGE_PART: {"type": "string", "format": "binary", "description": "(X, Y, Z, 4) in channel order"},
                     LABEL_PART: {"type": "string", "format": "binary", "description": "ground truth, labels 0/1/2/4"},
                 },
+                "additionalProperties": False,
+                "oneOf": [
+                    {"required": list(MODALITIES), "not": {"required": [IMAGE_PART]}},
+                    {"required": [IMAGE_PART], "not": {"anyOf": [{"required": [m]} for m in MODALITIES]}},
+                ],
             }
         }
     },
 }
 
-_PROBLEM = {"content": {"application/problem+json": {}}}
 _RESPONSES: dict[int | str, dict] = {
     200: {
         "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
@@ -82,18 +86,18 @@ _RESPONSES: dict[int | str, dict] = {
             }
         },
     },
-    **{
-        status: {**_PROBLEM, "description": text}
-        for status, text in {
+    **problem_responses(
+        {
             400: "Unreadable or inconsistent input, or parts that break the rules.",
-            401: "Missing or wrong API key.",
+            401: "Missing or wrong API key (when keys are configured).",
             408: "The body did not arrive in time.",
             413: "Upload over the byte limit, or a volume over the voxel limit.",
             415: "The body is not multipart/form-data.",
             422: "Invalid query parameters (unknown model, format, ...).",
             503: "Not ready, or the inference queue is full (see Retry-After).",
-        }.items()
-    },
+        },
+        headers={503: {"Retry-After": "Seconds to wait before sending the request again."}},
+    ),
 }
 
 
@@ -303,7 +307,7 @@ def _ms(value: float) -> float:
     description="Upload either the four modalities (flair, t1, t1ce, t2) or one 4D image, optionally with a "
     "ground-truth label; get BraTS 2020 labels back, with Dice and HD95 when a label was sent.",
     responses=_RESPONSES,
-    openapi_extra={"requestBody": _MULTIPART_BODY},
+    openapi_extra={"requestBody": _MULTIPART_BODY, **OPTIONAL_API_KEY},
 )
 async def segment(
     request: Request,
