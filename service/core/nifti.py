@@ -481,7 +481,7 @@ def _check_finite(data: np.ndarray, path: PathLike, *, what: str, scaled: bool) 
 
 
 def load_volume(
-    path: PathLike, *, ndim: int | None = 3, max_voxels: int | None = None
+    path: PathLike, *, ndim: int | None = 3, max_voxels: int | None = None, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, Geometry]:
     """Read a ``.nii`` or ``.nii.gz`` (NIfTI-1 or NIfTI-2) volume as float32.
 
@@ -490,22 +490,30 @@ def load_volume(
         ndim: Number of axes expected (3 for ``(X, Y, Z)``, 4 for ``(X, Y, Z, C)``), trailing axes of size 1
             beyond it dropped; ``None`` accepts 3 or more axes.
         max_voxels: Refuse, from the header alone and before inflating, a volume declaring more voxels.
+        out: A float32 array of the volume's shape to convert the voxels into (one pass, no new array), e.g.
+            one channel of a multi-channel image; its contents are undefined if an error is raised.
 
     Returns:
         ``(data, geometry)``: float32 array with the file's axis order (``(X, Y, Z)`` or ``(X, Y, Z, C)``,
-        scaled by ``scl_slope``/``scl_inter``), and the geometry of its first three axes.
+        scaled by ``scl_slope``/``scl_inter``), ``out`` when given, and the geometry of its first three axes.
 
     Raises:
         VolumeTooLargeError: more voxels than ``max_voxels``.
         NiftiError: not a NIfTI file, corrupt or truncated gzip (checksums included), truncated data, wrong
             number of axes, unsupported voxel type, zero/negative/non-finite voxel sizes, non-finite affine
             or voxel values.
+        ValueError: ``out`` is not float32 or not of the volume's shape.
     """
     data, header, scaled = _read_image(path, ndim, max_voxels)
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused just below
-        data = np.asarray(data, dtype=np.float32)
-    _check_finite(data, path, what="intensities", scaled=scaled)
-    return data, _geometry(header, path)
+    if out is None:
+        out = np.empty(data.shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != data.shape:
+        raise ValueError(f"out must be float32 of shape {data.shape}, got {out.dtype} {out.shape}")
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf, refused just below
+        np.copyto(out, data, casting="unsafe")
+    if data.dtype.kind == "f" or scaled:  # whole numbers that fit the header's type are always finite
+        _check_finite(out, path, what="intensities", scaled=scaled)
+    return out, _geometry(header, path)
 
 
 def load_label(

@@ -12,8 +12,10 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +38,7 @@ from service.core.nifti import (
     load_label,
     load_volume,
     mask_to_bytes,
+    read_header,
 )
 from service.inference.engine import Engine, InferenceCancelled
 from service.registry import ModelRegistry, QueueFullError
@@ -120,13 +123,28 @@ class SegmentOutcome:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def _read(part: str, path: Path, *, ndim: int, max_voxels: int | None) -> tuple[np.ndarray, Geometry]:
+DECODE_THREADS = 2
+"""Parts decoded at the same time (inflating and converting release the GIL, so the cores share the work)."""
+
+_decode_pool: ThreadPoolExecutor | None = None
+
+
+def _decoder() -> ThreadPoolExecutor:
+    global _decode_pool
+    if _decode_pool is None:
+        _decode_pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
+    return _decode_pool
+
+
+def _read(
+    part: str, path: Path, *, ndim: int, max_voxels: int | None, out: np.ndarray | None = None
+) -> tuple[np.ndarray, Geometry]:
     """Read one part (``label``: as BraTS labels), turning a NIfTI problem into a problem reply that names the
     part, never the path."""
     try:
         if part == LABEL_PART:
             return load_label(path, max_voxels=max_voxels)
-        return load_volume(path, ndim=ndim, max_voxels=max_voxels)
+        return load_volume(path, ndim=ndim, max_voxels=max_voxels, out=out)
     except VolumeTooLargeError as err:
         raise ProblemError(
             413,
@@ -135,6 +153,19 @@ def _read(part: str, path: Path, *, ndim: int, max_voxels: int | None) -> tuple[
         ) from None
     except NiftiError as err:
         raise ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}") from None
+
+
+def _read_header_geometry(part: str, path: Path) -> Geometry | None:
+    """The part's geometry from its header alone; ``None`` when the header's geometry is invalid (reading the
+    whole part then says precisely why)."""
+    try:
+        header = read_header(path)
+    except NiftiError as err:
+        raise ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}") from None
+    try:
+        return Geometry.from_header(header)
+    except Exception:  # noqa: BLE001 - nibabel's HeaderDataError, ValueError, OverflowError: see the docstring
+        return None
 
 
 def _check_same_grid(part: str, geometry: Geometry, reference: Geometry, reference_part: str) -> None:
@@ -151,6 +182,10 @@ def _check_same_grid(part: str, geometry: Geometry, reference: Geometry, referen
 def read_image(upload: Upload, *, max_voxels: int | None) -> tuple[np.ndarray, Geometry]:
     """The image ``(4, X, Y, Z)`` float32 in ``MODALITIES`` order and its geometry, from either input form.
 
+    The four modality parts are decoded in parallel straight into their channel of the image (the shape
+    comes from the first part's header); problems are reported for the first part, in ``MODALITIES`` order,
+    that has one.
+
     Raises:
         ProblemError: 413 for a header over ``max_voxels``; 400 for an unreadable part, a 4D image without 4
             channels, or modality parts that differ in shape or affine.
@@ -165,14 +200,26 @@ def read_image(upload: Upload, *, max_voxels: int | None) -> tuple[np.ndarray, G
                 f"{', '.join(MODALITIES)} on the last axis, got shape {data.shape}",
             )
         return np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32), geometry
-    first, *others = MODALITIES
-    data, reference = _read(first, upload.files[first], ndim=3, max_voxels=max_voxels)
-    channels = [data]
-    for part in others:
-        data, geometry = _read(part, upload.files[part], ndim=3, max_voxels=max_voxels)
-        _check_same_grid(part, geometry, reference, first)
-        channels.append(data)
-    return np.stack(channels).astype(np.float32, copy=False), reference
+    first = MODALITIES[0]
+    reference = _read_header_geometry(first, upload.files[first])
+    if reference is None or (max_voxels is not None and math.prod(reference.shape) > max_voxels):
+        # the full read of the first part reports what is wrong with it (or, should it pass, its geometry)
+        reference = _read(first, upload.files[first], ndim=3, max_voxels=max_voxels)[1]
+    image = np.empty((len(MODALITIES), *reference.shape), dtype=np.float32)
+
+    def decode(index: int) -> Geometry:
+        part = MODALITIES[index]
+        path = upload.files[part]
+        if index > 0:
+            geometry = _read_header_geometry(part, path)
+            if geometry is not None and geometry.shape != reference.shape:
+                return geometry  # mismatched shape: reported below, nothing to decode
+        return _read(part, path, ndim=3, max_voxels=max_voxels, out=image[index])[1]
+
+    geometries = list(_decoder().map(decode, range(len(MODALITIES))))
+    for part, geometry in zip(MODALITIES[1:], geometries[1:]):
+        _check_same_grid(part, geometry, geometries[0], first)
+    return image, geometries[0]
 
 
 def segment_upload(
