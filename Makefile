@@ -89,3 +89,9 @@ models: setup
 .PHONY: soak
 soak: setup
 	$(PY) -m benchmarks.soak
+
+# Benchmark suite: peak, engine vs PyTorch and MONAI, FLOPs, end to end, memory, load, scaling; results in
+# runs/bench/ (bench.json, bench.md). `$(PY) -m benchmarks --quick` is the one-minute smoke run.
+.PHONY: bench
+bench: setup
+	$(PY) -m benchmarks

@@ -54,7 +54,7 @@ _NIFTI2_MAGIC = b"n+2\x00\r\n\x1a\n"
 _NIFTI2_PAIR_MAGIC = b"ni2\x00\r\n\x1a\n"
 _NIFTI1_SIZE = 348
 _NIFTI2_SIZE = 540
-_CHUNK = 1 << 20
+_CHUNK = 16 << 20  # compressed bytes read at a time: a whole BraTS .nii.gz (2-4 MB) inflates in one call, one buffer
 _TRAILING_SLACK = 1 << 20  # bytes a file may hold past its declared voxel data
 _NIFTI1_MAX_DIM = 32767
 _FREE_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
@@ -480,6 +480,21 @@ def _check_finite(data: np.ndarray, path: PathLike, *, what: str, scaled: bool) 
             raise NiftiError(f"{bad} voxel values are not finite (NaN or infinity); expected finite {what}", path=path)
 
 
+_SLAB = 32
+"""Planes along the last axis converted at a time when the file's voxel order (Fortran) differs from the
+output's (C): a slab of a full-size volume fits in the cache, which makes the transposing copy about 4x faster
+than one copy of the whole volume."""
+
+
+def _convert(out: np.ndarray, data: np.ndarray) -> None:
+    """``out[...] = data`` (any dtype to ``out``'s), slab by slab along the last axis when the layouts differ."""
+    if data.ndim < 2 or data.flags.c_contiguous == out.flags.c_contiguous:
+        np.copyto(out, data, casting="unsafe")
+        return
+    for start in range(0, data.shape[-1], _SLAB):
+        np.copyto(out[..., start : start + _SLAB], data[..., start : start + _SLAB], casting="unsafe")
+
+
 def load_volume(
     path: PathLike, *, ndim: int | None = 3, max_voxels: int | None = None, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, Geometry]:
@@ -510,7 +525,7 @@ def load_volume(
     elif out.dtype != np.float32 or out.shape != data.shape:
         raise ValueError(f"out must be float32 of shape {data.shape}, got {out.dtype} {out.shape}")
     with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf, refused just below
-        np.copyto(out, data, casting="unsafe")
+        _convert(out, data)
     if data.dtype.kind == "f" or scaled:  # whole numbers that fit the header's type are always finite
         _check_finite(out, path, what="intensities", scaled=scaled)
     return out, _geometry(header, path)
