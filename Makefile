@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
-	$(PY) -m pip install --quiet -c $(LOCK) -e '.[service,train,dev]'
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[service,train,dev,bench]'
 	touch $@
 
 run: setup
@@ -45,7 +45,7 @@ audit: setup
 # (`--all` keeps pip and setuptools in the first: pip_api and torch need them at run time).
 comma := ,
 lock:
-	$(call freeze,service$(comma)train$(comma)dev,--all,$(LOCK))
+	$(call freeze,service$(comma)train$(comma)dev$(comma)bench,--all,$(LOCK))
 	$(call freeze,service,,$(SERVICE_LOCK))
 
 # $(call freeze,EXTRAS,FREEZE_FLAGS,OUTPUT): install .[EXTRAS] in a throw-away venv, write its pins to OUTPUT

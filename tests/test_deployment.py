@@ -451,7 +451,7 @@ class TestLocks:
         assert re.search(r"^LOCK\s*:=\s*requirements/lock\.txt$", makefile, re.M)
         stamp = re.search(r"^\$\(VENV\)/\.installed:(.*)$", makefile, re.M)
         assert stamp and "$(LOCK)" in stamp.group(1).split()
-        assert "-c $(LOCK) -e '.[service,train,dev]'" in makefile
+        assert "-c $(LOCK) -e '.[service,train,dev,bench]'" in makefile
 
 
 # ------------------------------------------------------------------------------------------------ compose

@@ -160,7 +160,8 @@ def validation_detail(errors: Sequence[Mapping[str, Any]]) -> str:
 
 
 async def _problem_error(request: Request, exc: ProblemError) -> ProblemResponse:
-    level = logging.INFO if exc.status < 500 else logging.ERROR
+    # 503 (busy, not ready) is the documented answer to overload, with Retry-After: a warning, not an error
+    level = logging.INFO if exc.status < 500 else logging.WARNING if exc.status == 503 else logging.ERROR
     logger.log(level, "%d %s", exc.status, exc.title)
     return problem_response(exc.status, exc.title, exc.detail, headers=exc.headers, type=exc.type)
 

@@ -17,7 +17,8 @@ Limits, each answered with an RFC 9457 problem as soon as it is hit, without rea
   client can send it again. 413 and 408 replies carry ``Connection: close``, as the rest of the body is
   left unread;
 - ``415`` when the body is not ``multipart/form-data`` (or has a ``Content-Encoding``);
-- ``400`` for a malformed body, a client that disconnects mid-body, and any break of the part rules
+- ``499`` (recorded, never received) for a client that disconnects mid-body;
+- ``400`` for a malformed body and any break of the part rules
   (:data:`EXPECTED_PARTS`): missing, duplicated, unknown or empty parts, ``image`` together with modality
   parts. Unknown, duplicated and mixed parts are refused as soon as their headers arrive, so there can
   never be more than five parts on disk.
@@ -71,6 +72,9 @@ EXPECTED_PARTS = (
     "0, 1, 2, 4); each part a .nii or .nii.gz file"
 )
 """What a client must send; the ``detail`` of every part-rule error ends with it."""
+
+CLIENT_CLOSED_REQUEST = 499
+"""Status recorded (metrics, access log) for a request whose client left before its answer; nobody gets it."""
 
 FLUSH_BYTES = 1 << 20
 """Part data is buffered up to this many bytes, then written to disk in a worker thread."""
@@ -415,9 +419,10 @@ async def receive_multipart(
         async with aclosing(_time_limited(chunks, idle_timeout_s, deadline_s)) as body:
             async for chunk in body:
                 await receiver.feed(chunk)
-    except ClientDisconnect:
-        raise _bad_request(
-            "the client disconnected before the request body was complete", title="Incomplete request"
+    except ClientDisconnect:  # nobody reads the answer; 499 tells the metrics and the log what happened
+        raise ProblemError(
+            CLIENT_CLOSED_REQUEST, "Client Closed Request",
+            "the client disconnected before the request body was complete",
         ) from None
     finally:
         receiver.abandon()

@@ -12,14 +12,12 @@ written, since an input's free text can hold patient data.
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 import math
 import os
 import stat
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import Union
 
@@ -30,6 +28,13 @@ from nibabel.spatialimages import HeaderDataError
 
 from service.core.files import atomic_write
 from service.core.labels import VALID_LABELS, LabelError, check_labels
+
+try:  # zlib-ng: the zlib API and format, about 1.7x faster inflating and 6x faster deflating than zlib
+    from zlib_ng import gzip_ng as gzip
+    from zlib_ng import zlib_ng as zlib
+except ImportError:  # pragma: no cover - a platform without zlib-ng wheels
+    import gzip
+    import zlib
 
 __all__ = [
     "NiftiError",

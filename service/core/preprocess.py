@@ -79,10 +79,12 @@ def zscore_nonzero(image: np.ndarray) -> np.ndarray:
     if not fg.any():
         return out
     for c in range(image.shape[0]):
-        values = image[c][fg].astype(np.float64)
-        mean = values.mean()
-        std = max(float(values.std()), STD_FLOOR)
-        out[c][fg] = ((values - mean) / std).astype(np.float32)
+        values = image[c][fg].astype(np.float32)  # a new array (boolean indexing copies): ours to change
+        mean = values.mean(dtype=np.float64)  # statistics accumulate in float64, the arithmetic stays float32
+        std = max(float(values.std(dtype=np.float64)), STD_FLOOR)
+        values -= np.float32(mean)
+        values *= np.float32(1.0 / std)
+        out[c][fg] = values
     return out
 
 

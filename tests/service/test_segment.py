@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 import socket
 import struct
 import threading
@@ -573,6 +574,8 @@ class TestErrors:
             assert time.monotonic() < deadline, f"left behind: {entries(spool)}"
             time.sleep(0.01)
         assert_serves(client)
+        time.sleep(0.1)
+        assert re.search(r"POST /segment model=\S+ 499 ", service.logs())  # counted as gone, not as a bad request
 
     def test_logs_hold_no_file_names_header_text_or_tracebacks(self, service, client):
         assert_serves(client)

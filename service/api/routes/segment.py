@@ -27,7 +27,14 @@ from fastapi import APIRouter, Query, Request, Response
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.errors import OPTIONAL_API_KEY, ProblemError, problem_responses
 from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, SegmentSummary
-from service.api.uploads import EXPECTED_PARTS, IMAGE_PART, LABEL_PART, Upload, received_upload
+from service.api.uploads import (
+    CLIENT_CLOSED_REQUEST,
+    EXPECTED_PARTS,
+    IMAGE_PART,
+    LABEL_PART,
+    Upload,
+    received_upload,
+)
 from service.core.labels import MODALITIES
 from service.core.metrics import region_metrics, volumes_ml
 from service.core.nifti import (
@@ -52,8 +59,6 @@ router = APIRouter(tags=["segmentation"])
 RETRY_AFTER_S = 1
 """``Retry-After`` of a 503 for a full queue: retry soon, a slot frees when any inference ends."""
 
-CLIENT_CLOSED_REQUEST = 499
-"""Status recorded (metrics, access log) for a request whose client left before its answer; nobody gets it."""
 
 _MULTIPART_BODY = {
     "required": True,
