@@ -413,15 +413,28 @@ def _read_image(
             path=path,
         )
     klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    scaled = _is_scaled(header)
     try:
-        img = klass.from_bytes(raw)
-        del raw
-        data = np.asanyarray(img.dataobj)
+        if scaled:  # nibabel applies scl_slope and scl_inter
+            img = klass.from_bytes(raw)
+            del raw
+            data, loaded = np.asanyarray(img.dataobj), img.header
+        else:  # the voxels as they lie in the bytes: no copy (the header is parsed and checked as nibabel loads it)
+            loaded = klass.header_class.from_fileobj(io.BytesIO(raw))
+            data = _voxels(raw, loaded)
     except (ImageFileError, HeaderDataError, ValueError, TypeError, OSError, EOFError) as err:
         raise NiftiError(f"the NIfTI file cannot be decoded ({err})", path=path) from err
-    if not np.all(np.isfinite(img.affine)):
+    if not np.all(np.isfinite(loaded.get_best_affine())):
         raise NiftiError("the header's affine (qform/sform) holds non-finite numbers", path=path)
-    return data.reshape(shape), img.header, _is_scaled(header)
+    return data.reshape(shape), loaded, scaled
+
+
+def _voxels(raw: bytes, header: NiftiHeader) -> np.ndarray:
+    """The unscaled voxel array that ``header`` describes in ``raw`` (a read-only view, Fortran order)."""
+    shape = header.get_data_shape()
+    return np.frombuffer(
+        raw, dtype=header.get_data_dtype(), count=math.prod(shape), offset=int(header.get_data_offset())
+    ).reshape(shape, order="F")
 
 
 _NIBABEL_FIXES = logging.getLogger(f"{__name__}.nibabel_fixes")

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +133,14 @@ DECODE_THREADS = 2
 """Parts decoded at the same time (inflating and converting release the GIL, so the cores share the work)."""
 
 _decode_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_decoder() -> None:  # a forked child has none of its parent's threads
+    global _decode_pool
+    _decode_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_decoder)
 
 
 def _decoder() -> ThreadPoolExecutor:
