@@ -5,34 +5,14 @@ Images are channel-first ``(C, *spatial)``. Every function returns a new array; 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from service.core.workers import thread_pool
+
 __all__ = ["STD_FLOOR", "Preprocessed", "mask_bbox", "brain_bbox", "zscore_nonzero", "preprocess", "uncrop", "pad_to"]
-
-_THREADS = min(4, os.cpu_count() or 1)
-_executor: ThreadPoolExecutor | None = None
-
-
-def _forget_pool() -> None:  # a forked child has none of its parent's threads
-    global _executor
-    _executor = None
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _pool() -> ThreadPoolExecutor:
-    """Threads for per-channel work, made on first use (in each process)."""
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="preprocess")
-    return _executor
-
 
 STD_FLOOR = 1e-8
 """Smallest standard deviation divided by, so a constant channel maps to zeros instead of NaN."""
@@ -109,7 +89,7 @@ def zscore_nonzero(image: np.ndarray) -> np.ndarray:
         values *= np.float32(1.0 / std)
         out[c][fg] = values
 
-    list(_pool().map(channel, range(image.shape[0])))  # NumPy releases the GIL: the channels share the cores
+    list(thread_pool().map(channel, range(image.shape[0])))  # NumPy releases the GIL: the channels share the cores
     return out
 
 

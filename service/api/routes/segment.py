@@ -13,10 +13,8 @@ import base64
 import json
 import logging
 import math
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,6 +36,7 @@ from service.api.uploads import (
 )
 from service.core.labels import MODALITIES
 from service.core.metrics import region_metrics, volumes_ml
+from service.core.workers import thread_pool
 from service.core.nifti import (
     Geometry,
     NiftiError,
@@ -129,27 +128,6 @@ class SegmentOutcome:
 # ------------------------------------------------------------------------------------------ the job
 
 
-DECODE_THREADS = 2
-"""Parts decoded at the same time (inflating and converting release the GIL, so the cores share the work)."""
-
-_decode_pool: ThreadPoolExecutor | None = None
-
-
-def _forget_decoder() -> None:  # a forked child has none of its parent's threads
-    global _decode_pool
-    _decode_pool = None
-
-
-os.register_at_fork(after_in_child=_forget_decoder)
-
-
-def _decoder() -> ThreadPoolExecutor:
-    global _decode_pool
-    if _decode_pool is None:
-        _decode_pool = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
-    return _decode_pool
-
-
 def _read(
     part: str, path: Path, *, ndim: int, max_voxels: int | None, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, Geometry]:
@@ -230,7 +208,7 @@ def read_image(upload: Upload, *, max_voxels: int | None) -> tuple[np.ndarray, G
                 return geometry  # mismatched shape: reported below, nothing to decode
         return _read(part, path, ndim=3, max_voxels=max_voxels, out=image[index])[1]
 
-    geometries = list(_decoder().map(decode, range(len(MODALITIES))))
+    geometries = list(thread_pool().map(decode, range(len(MODALITIES))))
     for part, geometry in zip(MODALITIES[1:], geometries[1:]):
         _check_same_grid(part, geometry, geometries[0], first)
     return image, geometries[0]
