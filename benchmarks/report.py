@@ -299,6 +299,19 @@ def _summary(results: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
+def _width(section: dict[str, Any]) -> str:
+    rows = [(r["network"], r["channels"], "x".join(map(str, r["window"])), r["backend"], r["precision"],
+             f"{r['gflop_per_window']:.1f}", ms(r["ms"]), gflops(r["gflops"]), pct(r["pct_of_peak"]))
+            for r in section["rows"]]
+    return (
+        "One window (batch 1) on each CPU backend, median after a warm-up; GFLOP/s from the analytic count of "
+        "section 3; % of the same-precision dense peak of section 1. The wide network has random weights: only "
+        "its speed is measured.\n\n"
+        + table(["network", "channels", "window", "backend", "precision", "GFLOP/window", "ms", "GFLOP/s",
+                 "% of peak"], rows)
+    )
+
+
 RENDER = {
     "peak": _peak,
     "engine": _engine,
@@ -307,6 +320,7 @@ RENDER = {
     "memory": _memory,
     "load": _load,
     "scaling": _scaling,
+    "width": _width,
 }
 
 

@@ -44,7 +44,7 @@ from benchmarks import report
 from benchmarks.machine import library_versions, machine_info, usable_cores
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SECTIONS: tuple[str, ...] = ("peak", "flops", "engine", "scaling", "e2e", "memory", "load")
+SECTIONS: tuple[str, ...] = ("peak", "flops", "engine", "scaling", "e2e", "memory", "load", "width")
 """Run order (the figures of ``peak`` and ``flops`` feed ``engine`` and ``scaling``)."""
 SECTION_TITLES = {
     "peak": "1. Dense matmul peak",
@@ -54,7 +54,10 @@ SECTION_TITLES = {
     "memory": "5. Memory of the service process",
     "load": "6. Load: concurrent clients",
     "scaling": "7. Scaling: brain size, overlap, window batch",
+    "width": "8. Network width: share of the peak per window",
 }
+WIDE_CHANNELS = (16, 32, 64, 128, 256)
+"""A ResU-Net as wide as the reference network of the measurements that set the goals (random weights)."""
 CASE_SEED = 20
 FULL_SIZE = (240, 240, 155)
 QUICK_SIZE, QUICK_SPACING = (96, 96, 62), (2.5, 2.5, 2.5)
@@ -686,11 +689,75 @@ def section_load(ctx: Context) -> dict[str, Any]:
             "settings": f"defaults; BRATS_MAX_QUEUE={LOAD_MAX_QUEUE}", "levels": levels}
 
 
+# ------------------------------------------------------------------------------------------ 8. width
+def _export_wide(ctx: Context) -> Path:
+    """A ResU-Net of :data:`WIDE_CHANNELS` with random weights, exported to ONNX (opset 17) in the work folder."""
+    import torch
+
+    from training.networks.registry import build_network
+
+    torch.manual_seed(0)
+    net = build_network("resunet", spatial_dims=3, in_channels=4, out_channels=3, channels=list(WIDE_CHANNELS)).eval()
+    path = ctx.work / "resunet-wide.onnx"
+    spatial = {0: "batch", 2: "x", 3: "y", 4: "z"}
+    with torch.no_grad():
+        torch.onnx.export(
+            net, torch.zeros(1, 4, 32, 32, 32), str(path), input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": spatial, "logits": spatial}, opset_version=17, dynamo=False,
+        )
+    return path
+
+
+def section_width(ctx: Context) -> dict[str, Any]:
+    """Time per window of the shipped resunet and of a wide ResU-Net, on each CPU backend and precision, as a
+    share of the dense peak of section 1: how much of the gap to the peak comes from the network's width."""
+    from service.inference.backends import OnnxRuntimeBackend, OpenVinoBackend, cpu_supports_bf16, openvino_available
+    from benchmarks.flops import network_flops
+
+    peaks = ctx.results["sections"].get("peak", {}).get("peak_gflops", {})
+    shipped = ctx.models_dir / "resunet.onnx"
+    networks = [("resunet (shipped)", shipped, "8, 16, 32, 64, 128")]
+    networks.append(("resunet, wide (random weights)", _export_wide(ctx), ", ".join(map(str, WIDE_CHANNELS))))
+    windows = [(32, 32, 32)] if ctx.quick else [(64, 64, 64), (128, 128, 128)]
+    rows = []
+    for label, path, channels in networks:
+        for window in windows:
+            if path == shipped and window != (64, 64, 64) and not ctx.quick:
+                continue  # the shipped networks run 64^3 windows
+            shape = [1, 4, *window]
+            flop = network_flops(path, shape)["flops"]
+            batch = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+            runtimes: list[tuple[str, str, Callable[[], Any]]] = [
+                ("onnxruntime", "fp32", OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"]))
+            ]
+            if openvino_available():
+                runtimes.append(("openvino", "fp32", OpenVinoBackend(path, precision="fp32", patch_size=window,
+                                                                      in_channels=4)))
+                if cpu_supports_bf16():
+                    runtimes.append(("openvino", "bf16", OpenVinoBackend(path, precision="bf16", patch_size=window,
+                                                                          in_channels=4)))
+            name = f"width {label} {'x'.join(map(str, window))}"
+            times = interleaved([(f"{name} {b} {p}", (lambda r=r: r(batch))) for b, p, r in runtimes],
+                                ctx.reps, ctx.progress)
+            for backend, precision, _ in runtimes:
+                t = median(times[f"{name} {backend} {precision}"])
+                achieved = flop / (t / 1000) / 1e9
+                peak = peaks.get(f"cpu/{precision}")
+                rows.append({
+                    "network": label, "channels": channels, "window": list(window), "backend": backend,
+                    "precision": precision, "gflop_per_window": flop / 1e9, "ms": t, "gflops": achieved,
+                    "pct_of_peak": None if not peak else 100 * achieved / peak,
+                })
+            del runtimes
+    return {"rows": rows, "peaks": peaks}
+
+
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "peak": section_peak,
     "flops": section_flops,
     "engine": section_engine,
     "scaling": section_scaling,
+    "width": section_width,
     "e2e": section_e2e,
     "memory": section_memory,
     "load": section_load,

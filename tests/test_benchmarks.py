@@ -206,3 +206,12 @@ def test_quick_run_figures_are_plausible_and_consistent(quick_run):
         assert r["relative_to_default"] == pytest.approx(r["ms"] / default["ms"])
         if r["shape"] == default["shape"] and not r["default"]:
             assert "dice" in r
+
+    width = sections["width"]["rows"]
+    assert {r["network"] for r in width} == {"resunet (shipped)", "resunet, wide (random weights)"}
+    wide = {r["gflop_per_window"] for r in width if "wide" in r["network"]}
+    shipped = {r["gflop_per_window"] for r in width if "shipped" in r["network"]}
+    assert min(wide) > 3 * max(shipped)  # twice the channels: about four times the work per window
+    for r in width:
+        assert r["ms"] > 0 and r["gflops"] == pytest.approx(r["gflop_per_window"] / r["ms"] * 1e3)
+        assert r["pct_of_peak"] == pytest.approx(100 * r["gflops"] / peak["peak_gflops"][f"cpu/{r['precision']}"])
