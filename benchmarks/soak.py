@@ -64,11 +64,12 @@ import httpx
 import nibabel as nib
 import numpy as np
 
+from benchmarks.serving import HOST, free_port, proc_memory
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 DEFAULT_OUT = PROJECT_ROOT / "runs" / "soak"
 MODALITIES = ("flair", "t1", "t1ce", "t2")
-HOST = "127.0.0.1"
 
 RSS_TOLERANCE = 0.10
 """The resident memory at the end may exceed the one after the warm-up by at most this fraction."""
@@ -535,24 +536,6 @@ class Client(threading.Thread):
 
 
 # ------------------------------------------------------------------------------------------ the server
-def free_port() -> int:
-    """A TCP port free on the loopback interface right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of a process, in bytes, from ``/proc/PID/status``."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            number, unit = rest.split()
-            values[key] = int(number) * (1024 if unit.lower() == "kb" else 1)
-    return values
-
-
 def open_fds(pid: int) -> int:
     """The number of open file descriptors of a process (entries of ``/proc/PID/fd``)."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -629,7 +612,7 @@ class Server:
 
     def resources(self) -> dict[str, int]:
         """``rss``, ``peak_rss`` (bytes) and ``fds`` of the server process now."""
-        status = proc_status(self.pid)
+        status = proc_memory(self.pid)
         return {"rss": status["VmRSS"], "peak_rss": status["VmHWM"], "fds": open_fds(self.pid)}
 
     def inference_load(self, client: httpx.Client) -> tuple[float, float]:
