@@ -128,6 +128,10 @@ class SegmentOutcome:
 # ------------------------------------------------------------------------------------------ the job
 
 
+def _invalid(part: str, err: NiftiError) -> ProblemError:
+    return ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}")
+
+
 def _read(
     part: str, path: Path, *, ndim: int, max_voxels: int | None, out: np.ndarray | None = None
 ) -> tuple[np.ndarray, Geometry]:
@@ -144,7 +148,7 @@ def _read(
             f"part {part}: {err.reason}; ask the operator to raise BRATS_MAX_VOXELS if the volume is genuine",
         ) from None
     except NiftiError as err:
-        raise ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}") from None
+        raise _invalid(part, err) from None
 
 
 def _read_header_geometry(part: str, path: Path) -> Geometry | None:
@@ -153,7 +157,7 @@ def _read_header_geometry(part: str, path: Path) -> Geometry | None:
     try:
         header = read_header(path)
     except NiftiError as err:
-        raise ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}") from None
+        raise _invalid(part, err) from None
     try:
         return Geometry.from_header(header)
     except Exception:  # noqa: BLE001 - nibabel's HeaderDataError, ValueError, OverflowError: see the docstring
@@ -287,6 +291,10 @@ def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
     return name
 
 
+def _gone() -> ProblemError:
+    return ProblemError(CLIENT_CLOSED_REQUEST, "Client Closed Request", "the client disconnected")
+
+
 async def _client_gone(request: Request) -> None:
     """Returns when the client disconnects. Call it only once the body has been read: from then on the
     server's next message for this request can only be ``http.disconnect``."""
@@ -319,11 +327,11 @@ async def _run_while_connected(request: Request, registry: ModelRegistry, job: p
             if current is not None and current.cancelling():
                 raise  # this request itself is being cancelled (server shutdown), not just the work
         logger.info("client disconnected before the answer; its inference was stopped")
-        raise ProblemError(CLIENT_CLOSED_REQUEST, "Client Closed Request", "the client disconnected")
+        raise _gone()
     try:
         return work.result()
     except InferenceCancelled:  # cancelled by the watcher in the same instant as it finished
-        raise ProblemError(CLIENT_CLOSED_REQUEST, "Client Closed Request", "the client disconnected") from None
+        raise _gone() from None
 
 
 def _busy(exc: QueueFullError) -> ProblemError:
