@@ -1,4 +1,4 @@
-"""``python -m training``: synthesise data, preprocess, train, export and evaluate.
+"""``python -m training``: synthesise data, preprocess, train, export, evaluate and learn postprocessing.
 
 Every command stops on bad input with one line naming the case or file and the problem (exit status 2).
 """
@@ -120,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 needs --backend openvino on a CPU with AMX or AVX512-BF16 (default fp32)")
     p.add_argument("--update-card", action="store_true",
                    help="write the result into the model card's `validation` (single model only)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="score the raw labels, without the postprocessing rules of the model cards")
+
+    p = sub.add_parser(
+        "learn-postprocessing",
+        help="learn connected-component and ET->NCR rules on validation cases, write them into the model card",
+        description="Segment the validation cases with postprocessing off, then decide for WT, TC and ET in turn "
+                    "whether keeping only the largest component or removing components below a size (ml) raises "
+                    "that region's mean Dice, and the ET volume below which all ET becomes NCR; the rules go into "
+                    "the card's `postprocessing` (NAME.json; the ONNX file is unchanged). The service and "
+                    "`evaluate` apply them.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="NAME.onnx; its NAME.json gets `postprocessing`")
+    p.add_argument("--data", type=Path, required=True, help="folder of labelled cases (BraTS 2020 or MSD layout)")
+    p.add_argument("--split", type=Path, default=None,
+                   help="split.json of the training run: learn on its `validation` cases (default: every "
+                        "labelled case in --data)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per network call (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="what runs the model (default onnxruntime)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 needs --backend openvino on a CPU with AMX or AVX512-BF16 (default fp32)")
     return parser
 
 
@@ -231,12 +256,27 @@ def _evaluate(args, command: str) -> int:
         raise ValueError("--update-card records ONNX Runtime fp32 figures; leave out --backend and --precision")
     summary = evaluate(args.model, args.data, args.out, tta=args.tta, overlap=args.overlap,
                        max_cases=args.max_cases, threads=args.threads, batch_size=args.batch_size,
-                       backend=args.backend, precision=args.precision)
-    print(json.dumps({k: summary[k] for k in ("cases", "dice", "hd95_mm", "seconds_per_case")}))
+                       backend=args.backend, precision=args.precision, postprocess=not args.no_postprocess)
+    print(json.dumps({k: summary[k] for k in ("cases", "dice", "hd95_mm", "seconds_per_case", "postprocess")}))
     if args.update_card:
         update_card(args.model[0], validation=card_validation(summary))
         print(f"validation written into the card of {args.model[0]}")
     return 0
 
 
-COMMANDS = {"synth": _synth, "preprocess": _preprocess, "train": _train, "export": _export, "evaluate": _evaluate}
+def _learn_postprocessing(args, command: str) -> int:
+    from training.postprocessing import describe, learn_for_model
+
+    _, learned = learn_for_model(args.model, args.data, split=args.split, tta=args.tta, overlap=args.overlap,
+                                    batch_size=args.batch_size, threads=args.threads, backend=args.backend,
+                                    precision=args.precision, command=command)
+    before = " ".join(f"{r} {v:.4f}" for r, v in learned.dice_before.items())
+    after = " ".join(f"{r} {v:.4f}" for r, v in learned.dice_after.items())
+    print(f"learned on {learned.cases} cases: {describe(learned.rules)}")
+    print(f"mean Dice before: {before}; after: {after}")
+    print(f"postprocessing written into {args.model.with_suffix('.json')}")
+    return 0
+
+
+COMMANDS = {"synth": _synth, "preprocess": _preprocess, "train": _train, "export": _export, "evaluate": _evaluate,
+            "learn-postprocessing": _learn_postprocessing}

@@ -23,13 +23,16 @@ log = logging.getLogger(__name__)
 
 def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *, tta: bool = False,
              overlap: float = 0.5, max_cases: int = 0, threads: int | None = None, batch_size: int = 1,
-             backend: str = "onnxruntime", precision: str = "fp32", progress: bool = True) -> dict:
+             backend: str = "onnxruntime", precision: str = "fp32", progress: bool = True,
+             postprocess: bool = True) -> dict:
     """Segment every labelled case under ``data`` and score it against its ground truth.
 
     Several model paths form an ensemble (averaged probabilities). ``backend`` and ``precision`` are those of
     the service (:func:`service.inference.backends.open_backend`); model cards record ONNX Runtime fp32. Writes ``out/cases.csv`` (one row per
     case) and ``out/summary.json`` (means per region; HD95 means both over the cases where it is defined
     and, labelled as such, with the BraTS substitute of 373.13 mm where exactly one mask is empty).
+    ``postprocess``: the engine applies the model card's postprocessing rules (``False``: the raw labels);
+    ``summary["postprocess"]`` records it.
 
     Returns:
         The summary dictionary written to ``summary.json``.
@@ -51,7 +54,7 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
     for case in tqdm(cases, desc="evaluate", disable=not progress, dynamic_ncols=True):
         image, label, geometry = load_case(case)
         started = time.perf_counter()
-        result = engine.segment(image, tta=tta)
+        result = engine.segment(image, tta=tta, postprocess=postprocess, spacing=geometry.zooms)
         seconds = time.perf_counter() - started
         metrics = region_metrics(result.labels, label, geometry.zooms)
         row = {"case": case.case_id, "seconds": round(seconds, 3)}
@@ -68,6 +71,7 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
         ],
         "data": str(data) if not Path(data).is_absolute() else Path(data).name,  # no local paths in cards
         "tta": tta,
+        "postprocess": postprocess,
         "overlap": overlap,
         "runtime": runtime_version(models[0].backend),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -111,7 +115,7 @@ def summarize(rows: list[dict]) -> dict:
 def card_validation(summary: dict) -> dict:
     """The part of a summary that goes into a model card's ``validation`` field."""
     keys = ("cases", "dice", "hd95_mm", "hd95_undefined_cases", "hd95_mm_with_brats_substitute", "data", "tta",
-            "overlap", "runtime", "created")
+            "postprocess", "overlap", "runtime", "created")
     result = {key: summary[key] for key in keys}
     result["measured_with"] = "python -m training evaluate (ONNX Runtime, the service's engine)"
     return result

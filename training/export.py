@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from service.core.files import atomic_path
-from service.inference.card import ModelCard, card_path, file_sha256, write_card
+from service.inference.card import ModelCard, card_path, file_sha256, read_card, write_card
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,8 @@ def update_card(onnx_path: str | Path, **fields) -> ModelCard:
     """Change card fields (e.g. ``validation``) in both the ONNX ``metadata_props`` and ``NAME.json``.
 
     The card is read from the ONNX metadata, updated, validated, written back into the ONNX file
-    (temporary file + rename), and the JSON card is rewritten with the new file's sha256.
+    (temporary file + rename), and the JSON card is rewritten with the new file's sha256. The JSON card's
+    ``postprocessing`` (written there alone by ``learn-postprocessing``) is kept unless ``fields`` sets it.
     """
     onnx_path = Path(onnx_path)
     if "sha256" in fields:
@@ -168,6 +169,12 @@ def update_card(onnx_path: str | Path, **fields) -> ModelCard:
             f"{onnx_path}: no valid model card in the ONNX metadata ({detail}), so export_onnx did not write it; "
             "export the checkpoint again with `python -m training export`"
         ) from None
+    json_card = card_path(onnx_path)
+    if "postprocessing" not in fields and json_card.is_file():
+        try:
+            fields["postprocessing"] = read_card(json_card).postprocessing
+        except ValueError as exc:  # rewritten from the metadata below, as before
+            log.warning("%s; its postprocessing (if any) is not carried over", str(exc).splitlines()[0])
     card = ModelCard.model_validate({**card.model_dump(), **fields, "sha256": None})
     with atomic_path(onnx_path) as tmp:
         _set_metadata(proto, card)

@@ -40,6 +40,11 @@ class SegmentQuery(BaseModel):
     tta: bool = Field(
         False, description="Test-time augmentation: average the predictions over mirrored inputs (8 for 3D models)."
     )
+    postprocess: bool = Field(
+        True,
+        description="Apply the postprocessing learned on validation that the model card holds (`postprocessing` in "
+        "GET /models); `false`: the raw mask. A model without rules returns the raw mask either way.",
+    )
 
 
 class Volumes(BaseModel):
@@ -72,8 +77,8 @@ class Timings(BaseModel):
     """Milliseconds spent, measured by the server.
 
     ``decode``: reading and checking the NIfTI parts; ``preprocess``: crop and normalisation;
-    ``inference``: the networks (sliding window, TTA, ensemble averaging); ``postprocess``: labels, metrics
-    and encoding the mask; ``total``: the whole request from the start of its handling (upload reception
+    ``inference``: the networks (sliding window, TTA, ensemble averaging); ``postprocess``: labels,
+    postprocessing rules, metrics and encoding the mask; ``total``: the whole request from the start of its handling (upload reception
     and waiting in the inference queue included) to the reply.
     """
 
@@ -100,6 +105,10 @@ class SegmentSummary(BaseModel):
     volumes_ml: Volumes
     dice: RegionDice | None = Field(description="Against the uploaded `label`; null without one.")
     hd95_mm: RegionHD95 | None = Field(description="Against the uploaded `label`; null without one.")
+    postprocessed: bool = Field(
+        description="Whether the model card's postprocessing rules were applied to the mask (false when "
+        "postprocess=false or the model has none)."
+    )
     timing_ms: Timings
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from service.core.files import atomic_write
 from service.core.labels import MODALITIES, REGION_NAMES
+from service.core.postprocess import PostprocessingRules, RegionRule
 
 RESERVED_NAMES: tuple[str, ...] = ("ensemble",)
 """Names no model may take: ``model=ensemble`` means the average of all loaded models (SPEC, ``POST /segment``)."""
@@ -48,6 +49,58 @@ class NormalizationSpec(BaseModel):
     intensity: Literal["zscore-nonzero"] = "zscore-nonzero"
 
 
+class RegionRuleSpec(BaseModel):
+    """One region's postprocessing rule (:class:`service.core.postprocess.RegionRule`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["none", "largest_component", "remove_small"] = "none"
+    min_size_ml: float | None = Field(None, description="remove_small only: components below this volume go")
+
+    @model_validator(mode="after")
+    def _valid(self) -> RegionRuleSpec:
+        self.rule()  # the one set of checks, in service.core.postprocess
+        return self
+
+    def rule(self) -> RegionRule:
+        return RegionRule(action=self.action, min_size_ml=self.min_size_ml)
+
+
+class PostprocessingSpec(BaseModel):
+    """Postprocessing learned on validation cases (``python -m training learn-postprocessing``), applied by
+    the engine after the labels are made (:mod:`service.core.postprocess` says what each rule does).
+
+    Attributes:
+        WT, TC, ET: each region's rule, applied in that order.
+        et_to_ncr_below_ml: all ET becomes NCR/NET when its total volume is below this (ml); 0: off.
+        learned_on: what the rules were learned on and what they measured there (cases, data, mean Dice per
+            region before and after).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    WT: RegionRuleSpec = RegionRuleSpec()
+    TC: RegionRuleSpec = RegionRuleSpec()
+    ET: RegionRuleSpec = RegionRuleSpec()
+    et_to_ncr_below_ml: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    learned_on: dict | None = None
+
+    def rules(self) -> PostprocessingRules:
+        """The rules as :func:`service.core.postprocess.apply_postprocessing` takes them."""
+        return PostprocessingRules(
+            WT=self.WT.rule(), TC=self.TC.rule(), ET=self.ET.rule(), et_to_ncr_below_ml=self.et_to_ncr_below_ml
+        )
+
+    @classmethod
+    def from_rules(cls, rules: PostprocessingRules, *, learned_on: dict | None = None) -> PostprocessingSpec:
+        """The card field for ``rules``."""
+        regions = {
+            name: RegionRuleSpec(action=rule.action, min_size_ml=rule.min_size_ml)
+            for name, rule in ((name, rules.region(name)) for name in REGION_NAMES)
+        }
+        return cls(**regions, et_to_ncr_below_ml=rules.et_to_ncr_below_ml, learned_on=learned_on)
+
+
 class ModelCard(BaseModel):
     """SPEC section 3. Unknown fields are refused so that a typo does not pass silently."""
 
@@ -67,6 +120,9 @@ class ModelCard(BaseModel):
     parameters: int
     training: dict = Field(default_factory=dict)
     validation: dict | None = None
+    postprocessing: PostprocessingSpec | None = Field(
+        None, description="rules learned on validation cases, applied after the labels; none: the raw labels"
+    )
     created: str
 
     @field_validator("name")

@@ -16,6 +16,9 @@ gets the 8 combinations of flips along the three axes (SPEC). A 2D model gets on
 two in-plane axes: it sees each slice on its own, so a flip along the slice axis gives back the prediction
 without it (up to rounding), and the average over 8 would equal the average over these 4 at twice the cost.
 In an ensemble each model gets its own flips.
+
+Postprocessing learned on validation (the card's ``postprocessing``, :mod:`service.core.postprocess`) is
+applied to the labels unless the caller turns it off; it needs the scan's voxel sizes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from service.core.labels import regions_to_labels
+from service.core.postprocess import PostprocessingRules, apply_postprocessing, voxel_volume_ml
 from service.core.preprocess import preprocess, uncrop
 from service.inference.backends import (  # noqa: F401  (provider_list, session_options: part of this API)
     CUDNN_CONV_ALGO_SEARCH,
@@ -308,14 +312,16 @@ class Segmentation:
     Attributes:
         labels: ``(X, Y, Z)`` uint8 BraTS labels {0, 1, 2, 4} on the input's full grid.
         timings_ms: ``preprocess``, ``inference`` (networks, sigmoid, averaging) and ``postprocess``
-            (labels, uncrop) in milliseconds.
+            (labels, postprocessing rules, uncrop) in milliseconds.
         probabilities: ``(3, X, Y, Z)`` float32 WT, TC, ET probabilities on the full grid (0 outside the
-            brain box), when asked for.
+            brain box), when asked for; never postprocessed.
+        postprocessed: whether the card's postprocessing rules were applied to ``labels``.
     """
 
     labels: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
     probabilities: np.ndarray | None = None
+    postprocessed: bool = False
 
 
 def _subsets(axes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
@@ -345,6 +351,12 @@ class Engine:
         models: one or more models with the same input channels and output threshold.
         overlap: sliding-window overlap, in ``[0, 1)``.
         batch_size: tiles (3D) or slices (2D) per network call.
+
+    Attributes:
+        postprocessing: the rules :meth:`segment` applies, from the models' cards: a single model's
+            ``postprocessing`` when it has rules that can change a mask; for an ensemble, the rules only if
+            every member's card has exactly the same ones (rules learned on one model's errors do not hold
+            for an average of several), else none. ``None``: the labels are returned as made.
     """
 
     def __init__(self, models: Sequence[OnnxModel], *, overlap: float = 0.5, batch_size: int = 1) -> None:
@@ -368,6 +380,7 @@ class Engine:
         self.batch_size = int(batch_size)
         self.in_channels = first.in_channels
         self.threshold = first.output.threshold
+        self.postprocessing = _shared_rules(self.models)
 
     @property
     def model_sha256(self) -> str:
@@ -381,6 +394,8 @@ class Engine:
         tta: bool = False,
         probabilities: bool = False,
         cancel: threading.Event | None = None,
+        postprocess: bool = True,
+        spacing: Sequence[float] | None = None,
     ) -> Segmentation:
         """Segment one raw scan.
 
@@ -389,24 +404,38 @@ class Engine:
             tta: also average over mirrored inputs (:func:`tta_flips`: 8 for a 3D model, 4 in-plane for 2D).
             probabilities: return the averaged probabilities too.
             cancel: when set (from another thread), the inference stops before its next network call.
+            postprocess: apply :attr:`postprocessing` (if any) to the labels; ``False``: the raw labels.
+            spacing: the scan's voxel sizes in mm (X, Y, Z); needed when rules are applied.
 
         Returns:
             :class:`Segmentation` with labels on the full grid, zero outside the brain box.
 
         Raises:
             InferenceCancelled: ``cancel`` was set.
+            ValueError: a malformed image, or rules to apply without a valid ``spacing``.
         """
         image = np.asarray(image)
         if image.ndim != 4 or image.shape[0] != self.in_channels or min(image.shape) < 1:
             raise ValueError(
                 f"expected an image ({self.in_channels}, X, Y, Z) with every axis at least 1, got shape {image.shape}"
             )
+        rules = self.postprocessing if postprocess else None
+        if rules is not None and spacing is None:
+            raise ValueError(
+                f"model {'+'.join(m.card.name for m in self.models)} has postprocessing rules, which need the scan's "
+                "voxel sizes: pass spacing=(x, y, z) in mm, or postprocess=False for the raw labels"
+            )
+        if rules is not None:
+            voxel_volume_ml(spacing)  # a bad spacing stops here, not after the inference
         start = time.perf_counter()
         pre = preprocess(image)
         after_pre = time.perf_counter()
         probs = self.probabilities(pre.data, tta=tta, cancel=cancel)
         after_inference = time.perf_counter()
-        labels = uncrop(regions_to_labels(probs, threshold=self.threshold), pre.bbox, pre.full_shape, fill=0)
+        cropped = regions_to_labels(probs, threshold=self.threshold)
+        if rules is not None:  # on the brain box: nothing is connected through the zeros around it
+            cropped = apply_postprocessing(cropped, spacing, rules)
+        labels = uncrop(cropped, pre.bbox, pre.full_shape, fill=0)
         full_probs = uncrop(probs, pre.bbox, pre.full_shape, fill=0) if probabilities else None
         end = time.perf_counter()
         timings = {
@@ -414,7 +443,12 @@ class Engine:
             "inference": 1000 * (after_inference - after_pre),
             "postprocess": 1000 * (end - after_inference),
         }
-        return Segmentation(labels=labels.astype(np.uint8, copy=False), timings_ms=timings, probabilities=full_probs)
+        return Segmentation(
+            labels=labels.astype(np.uint8, copy=False),
+            timings_ms=timings,
+            probabilities=full_probs,
+            postprocessed=rules is not None,
+        )
 
     def probabilities(
         self, data: np.ndarray, *, tta: bool = False, cancel: threading.Event | None = None
@@ -452,6 +486,25 @@ class Engine:
             overlap=self.overlap,
             batch_size=self.batch_size,
         )
+
+
+def _shared_rules(models: Sequence[OnnxModel]) -> PostprocessingRules | None:
+    """The postprocessing rules every model's card holds alike, if they can change a mask; else ``None``.
+
+    A model without a ``postprocessing`` attribute on its card (e.g. the trainer's validation wrapper)
+    counts as having none.
+    """
+    specs = [getattr(model.card, "postprocessing", None) for model in models]
+    if any(spec is None for spec in specs):
+        return None
+    rules = [spec.rules() for spec in specs]
+    if any(other != rules[0] for other in rules[1:]):
+        logger.info(
+            "models %s have different postprocessing rules: their ensemble applies none",
+            ", ".join(model.card.name for model in models),
+        )
+        return None
+    return rules[0] if rules[0].changes_masks else None
 
 
 class _Cancellable:

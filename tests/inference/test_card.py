@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from service.inference.card import ModelCard, read_card, write_card
+from service.inference.card import ModelCard, PostprocessingSpec, read_card, write_card
 
 
 def card_fields(**updates) -> dict:
@@ -98,3 +98,48 @@ class TestWriteCard:
         write_card(ModelCard.model_validate(card_fields()), path)
         assert other.read_text() == "another writer's half-written card"
         assert read_card(path).name == "tiny"
+
+
+class TestPostprocessing:
+    RULES = {
+        "WT": {"action": "largest_component"},
+        "TC": {"action": "none"},
+        "ET": {"action": "remove_small", "min_size_ml": 0.1},
+        "et_to_ncr_below_ml": 0.5,
+        "learned_on": {"cases": 3, "data": "BraTS2020", "dice_before": {"WT": 0.8}, "dice_after": {"WT": 0.85}},
+    }
+
+    def test_older_cards_without_it_load(self, tmp_path):
+        path = tmp_path / "tiny.json"
+        path.write_text(json.dumps(card_fields()))
+        assert read_card(path).postprocessing is None
+
+    def test_rules_round_trip_through_the_json_card(self, tmp_path):
+        card = ModelCard.model_validate(card_fields(postprocessing=self.RULES))
+        path = tmp_path / "tiny.json"
+        write_card(card, path)
+        again = read_card(path)
+        assert again == card
+        rules = again.postprocessing.rules()
+        assert rules.WT.action == "largest_component" and rules.ET.min_size_ml == 0.1
+        assert rules.et_to_ncr_below_ml == 0.5
+        assert json.loads(path.read_text())["postprocessing"]["ET"] == {"action": "remove_small", "min_size_ml": 0.1}
+
+    def test_from_rules_is_the_inverse_of_rules(self):
+        spec = ModelCard.model_validate(card_fields(postprocessing=self.RULES)).postprocessing
+        assert PostprocessingSpec.from_rules(spec.rules(), learned_on=spec.learned_on) == spec
+
+    @pytest.mark.parametrize(
+        "change, message",
+        [
+            ({"WT": {"action": "remove_small"}}, "rule remove_small needs min_size_ml, a finite volume > 0 in ml"),
+            ({"TC": {"action": "largest_component", "min_size_ml": 1.0}}, "belongs to the rule remove_small only"),
+            ({"ET": {"action": "biggest"}}, "largest_component"),
+            ({"et_to_ncr_below_ml": -1.0}, "greater than or equal to 0"),
+            ({"NCR": {"action": "none"}}, "NCR"),  # unknown fields are refused, like the rest of the card
+            ({"ET": {"action": "none", "size": 1}}, "size"),
+        ],
+    )
+    def test_invalid_rules_are_refused(self, change, message):
+        with pytest.raises(ValueError, match=message):
+            ModelCard.model_validate(card_fields(postprocessing={**self.RULES, **change}))

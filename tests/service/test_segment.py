@@ -40,6 +40,7 @@ IDLE_TIMEOUT_S = 1.5
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 SUMMARY_KEYS = {
     "model", "model_sha256", "provider", "shape", "spacing_mm", "labels", "volumes_ml", "dice", "hd95_mm", "timing_ms",
+    "postprocessed",
 }
 
 
@@ -260,6 +261,7 @@ class TestSegment:
         assert body["shape"] == list(SHAPE)
         assert body["spacing_mm"] == pytest.approx(ZOOMS, abs=1e-6)
         assert body["labels"] == {"0": "background", "1": "NCR/NET", "2": "ED", "4": "ET"}
+        assert body["postprocessed"] is False  # these cards have no postprocessing rules
         assert set(body["timing_ms"]) == {"decode", "preprocess", "inference", "postprocess", "total"}
         assert all(v >= 0 for v in body["timing_ms"].values())
         assert body["timing_ms"]["total"] >= body["timing_ms"]["inference"]

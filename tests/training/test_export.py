@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from service.inference.card import ModelCard, card_path, file_sha256, read_card
+from service.core.postprocess import PostprocessingRules
+from service.inference.card import ModelCard, PostprocessingSpec, card_path, file_sha256, read_card, write_card
 from training.export import ExportError, card_for, default_check_shape, export_onnx, update_card
 from training.networks import build_network, count_parameters
 
@@ -146,6 +147,16 @@ class TestExportBehaviour:
         with pytest.raises(ValueError, match="validaton"):
             update_card(path, validaton={})
         assert read_card(card_path(path)).sha256 == file_sha256(path)
+
+    def test_update_card_keeps_the_postprocessing_learned_into_the_json_card(self, tmp_path):
+        model, card = make("unet2d")
+        path = tmp_path / "m.onnx"
+        exported = export_onnx(model, path, card=card)
+        spec = PostprocessingSpec.from_rules(PostprocessingRules(et_to_ncr_below_ml=0.5), learned_on={"cases": 2})
+        write_card(exported.model_copy(update={"postprocessing": spec}), card_path(path))  # as learn-postprocessing
+        after = update_card(path, validation={"cases": 2})
+        assert after.postprocessing == spec and read_card(card_path(path)).postprocessing == spec
+        assert after.validation == {"cases": 2} and after.sha256 == file_sha256(path)
 
     def test_update_card_on_a_foreign_onnx_file_says_to_export_again(self, tmp_path):
         model, card = make("unet2d")

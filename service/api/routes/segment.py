@@ -123,6 +123,7 @@ class SegmentOutcome:
     mask: bytes
     timings_ms: dict[str, float]
     engine_s: float
+    postprocessed: bool = False
 
 
 # ------------------------------------------------------------------------------------------ the job
@@ -225,9 +226,10 @@ def segment_upload(
     tta: bool,
     max_voxels: int | None,
     cancel: threading.Event | None = None,
+    postprocess: bool = True,
 ) -> SegmentOutcome:
     """Decode the parts, segment, score against the label if any, and encode the mask (blocking; run in a
-    worker thread).
+    worker thread). ``postprocess``: apply the model card's postprocessing rules (see :meth:`Engine.segment`).
 
     Raises:
         ProblemError: for every input problem (400, 413); see :func:`read_image`.
@@ -240,7 +242,7 @@ def segment_upload(
         ground_truth, label_geometry = _read(LABEL_PART, upload.label, ndim=3, max_voxels=max_voxels)
         _check_same_grid(LABEL_PART, label_geometry, geometry, upload.image_parts[0])
     decoded = time.perf_counter()
-    result = engine.segment(image, tta=tta, cancel=cancel)
+    result = engine.segment(image, tta=tta, cancel=cancel, postprocess=postprocess, spacing=geometry.zooms)
     del image
     segmented = time.perf_counter()
     metrics = None if ground_truth is None else region_metrics(result.labels, ground_truth, geometry.zooms)
@@ -261,6 +263,7 @@ def segment_upload(
         mask=mask,
         timings_ms=timings,
         engine_s=segmented - decoded,
+        postprocessed=result.postprocessed,
     )
 
 
@@ -377,7 +380,9 @@ async def segment(
         timeout_s=settings.request_timeout_s,
         deadline_s=settings.upload_timeout_s,
     ) as upload:
-        job = partial(segment_upload, upload, engine, tta=query.tta, max_voxels=settings.max_voxels)
+        job = partial(
+            segment_upload, upload, engine, tta=query.tta, postprocess=query.postprocess, max_voxels=settings.max_voxels
+        )
         try:
             outcome = await _run_while_connected(request, registry, job)
         except QueueFullError as exc:
@@ -397,11 +402,12 @@ async def segment(
         volumes_ml=outcome.volumes_ml,
         dice=None if outcome.metrics is None else outcome.metrics["dice"],
         hd95_mm=None if outcome.metrics is None else outcome.metrics["hd95_mm"],
+        postprocessed=outcome.postprocessed,
         timing_ms=timings,
     )
     logger.info(
-        "segmented with %s (tta=%s, format=%s): shape %s, %d bytes in, timings %s",
-        name, query.tta, query.format, "x".join(map(str, geometry.shape)), body_bytes, timings,
+        "segmented with %s (tta=%s, postprocessed=%s, format=%s): shape %s, %d bytes in, timings %s",
+        name, query.tta, outcome.postprocessed, query.format, "x".join(map(str, geometry.shape)), body_bytes, timings,
     )
     if query.format == "nifti":
         return Response(
