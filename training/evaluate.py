@@ -14,8 +14,10 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from service.core.labels import REGION_NAMES
-from service.core.metrics import BRATS_HD95_SUBSTITUTE_MM, region_metrics
+from service.core.lesions import lesionwise_metrics
+from service.core.metrics import BRATS_HD95_SUBSTITUTE_MM, region_metrics, volumes_ml
 from service.inference.engine import Engine, OnnxModel
+from training.data.manifest import read_case_kinds
 from training.data.readers import find_cases, load_case
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
     if max_cases:
         cases = cases[:max_cases]
 
+    kinds = read_case_kinds(data)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -56,12 +59,8 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
         started = time.perf_counter()
         result = engine.segment(image, tta=tta, postprocess=postprocess, spacing=geometry.zooms)
         seconds = time.perf_counter() - started
-        metrics = region_metrics(result.labels, label, geometry.zooms)
-        row = {"case": case.case_id, "seconds": round(seconds, 3)}
-        row.update({f"dice_{r}": round(metrics["dice"][r], 5) for r in REGION_NAMES})
-        row.update({f"hd95_{r}": (None if metrics["hd95_mm"][r] is None else round(metrics["hd95_mm"][r], 3))
-                    for r in REGION_NAMES})
-        rows.append(row)
+        rows.append(score_case(case.case_id, kinds.get(case.case_id, ""), result.labels, label, geometry.zooms,
+                               seconds))
 
     summary = summarize(rows)
     summary.update({
@@ -92,7 +91,50 @@ def runtime_version(backend: str) -> str:
     return f"onnxruntime {ort.__version__}"
 
 
+def score_case(case_id: str, kind: str, pred: np.ndarray, truth: np.ndarray, spacing, seconds: float) -> dict:
+    """One ``cases.csv`` row: Dice, HD95 and lesion-wise Dice/HD95 per region, and both volumes in ml."""
+    metrics = region_metrics(pred, truth, spacing)
+    lesions = lesionwise_metrics(pred, truth, spacing)
+    pred_ml, truth_ml = volumes_ml(pred, spacing), volumes_ml(truth, spacing)
+    row = {"case": case_id, "kind": kind, "seconds": round(seconds, 3)}
+    row.update({f"dice_{r}": round(metrics["dice"][r], 5) for r in REGION_NAMES})
+    row.update({f"hd95_{r}": (None if metrics["hd95_mm"][r] is None else round(metrics["hd95_mm"][r], 3))
+                for r in REGION_NAMES})
+    row.update({f"lesion_dice_{r}": round(lesions["dice"][r], 5) for r in REGION_NAMES})
+    row.update({f"lesion_hd95_{r}": round(lesions["hd95_mm"][r], 3) for r in REGION_NAMES})
+    row.update({f"pred_ml_{r}": round(pred_ml[r], 3) for r in REGION_NAMES})
+    row.update({f"truth_ml_{r}": round(truth_ml[r], 3) for r in REGION_NAMES})
+    return row
+
+
 def summarize(rows: list[dict]) -> dict:
+    """Means over per-case rows (:func:`score_case`): overall, lesion-wise, per kind, and on tumour-free brains."""
+    summary = _means(rows)
+    summary["lesionwise"] = {
+        "dice": {r: round(float(np.mean([row[f"lesion_dice_{r}"] for row in rows])), 4) for r in REGION_NAMES},
+        "hd95_mm": {r: round(float(np.mean([row[f"lesion_hd95_{r}"] for row in rows])), 2) for r in REGION_NAMES},
+        "definition": "BraTS 2023: 26-connected lesions, ground truth dilated by 3 voxels for matching, ground-truth "
+                      "lesions under 50 voxels ignored, a missed or false-positive lesion scores Dice 0 and HD95 374 mm",
+    }
+    by_kind = {}
+    for kind in sorted({row["kind"] for row in rows if row["kind"]}):
+        part = [row for row in rows if row["kind"] == kind]
+        means = _means(part)
+        by_kind[kind] = {"cases": len(part), "dice": means["dice"], "hd95_mm": means["hd95_mm"],
+                         "lesionwise_dice": {r: round(float(np.mean([row[f"lesion_dice_{r}"] for row in part])), 4)
+                                             for r in REGION_NAMES}}
+    summary["by_kind"] = by_kind
+    free = [row["pred_ml_WT"] for row in rows if row["truth_ml_WT"] == 0]
+    summary["tumour_free"] = {
+        "cases": len(free),
+        "false_positive_ml": None if not free else {
+            "median": round(float(np.median(free)), 3), "mean": round(float(np.mean(free)), 3),
+            "max": round(float(np.max(free)), 3)},
+    }
+    return summary
+
+
+def _means(rows: list[dict]) -> dict:
     """Mean Dice and HD95 per region over per-case rows (``dice_WT``, ``hd95_WT``, ...)."""
     dice = {r: float(np.mean([row[f"dice_{r}"] for row in rows])) for r in REGION_NAMES}
     hd95, hd95_sub, undefined = {}, {}, {}
@@ -114,8 +156,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def card_validation(summary: dict) -> dict:
     """The part of a summary that goes into a model card's ``validation`` field."""
-    keys = ("cases", "dice", "hd95_mm", "hd95_undefined_cases", "hd95_mm_with_brats_substitute", "data", "tta",
-            "postprocess", "overlap", "runtime", "created")
+    keys = ("cases", "dice", "hd95_mm", "hd95_undefined_cases", "hd95_mm_with_brats_substitute", "lesionwise",
+            "by_kind", "tumour_free", "data", "tta", "postprocess", "overlap", "runtime", "created")
     result = {key: summary[key] for key in keys}
     result["measured_with"] = "python -m training evaluate (ONNX Runtime, the service's engine)"
     return result

@@ -137,6 +137,18 @@ class TestExportEvaluate:
         summary = json.loads((out / "summary.json").read_text())
         assert summary["cases"] == 2
         assert summary["dice"]["WT"] == pytest.approx(np.mean([float(r["dice_WT"]) for r in rows]), abs=1e-4)
+        for r in ("WT", "TC", "ET"):
+            lesion = np.mean([float(row[f"lesion_dice_{r}"]) for row in rows])
+            assert summary["lesionwise"]["dice"][r] == pytest.approx(lesion, abs=1e-4)
+        with (tiny_dataset / "MICCAI_BraTS2020_TrainingData" / "name_mapping.csv").open() as fh:
+            kinds = {m["BraTS_2020_subject_ID"]: m["Kind"] for m in csv.DictReader(fh)}
+        assert [row["kind"] for row in rows] == [kinds[row["case"]] for row in rows]  # from the manifest
+        assert sum(k["cases"] for k in summary["by_kind"].values()) == 2
+        assert set(summary["by_kind"]) == {row["kind"] for row in rows}
+        free = [float(row["pred_ml_WT"]) for row in rows if float(row["truth_ml_WT"]) == 0]
+        assert summary["tumour_free"]["cases"] == len(free)
+        if free:
+            assert summary["tumour_free"]["false_positive_ml"]["median"] == pytest.approx(np.median(free), abs=1e-3)
 
         card = read_card(models / "tiny.json")
         assert card.validation["cases"] == 2 and card.validation["dice"] == summary["dice"]
@@ -179,7 +191,8 @@ class TestBadInput:
     def test_label_3_stops_evaluate_without_output(self, tiny_dataset, trained_run, tmp_path):
         data = tmp_path / "data"
         shutil.copytree(tiny_dataset, data)
-        case = sorted((data / "MICCAI_BraTS2020_TrainingData").iterdir())[0]
+        cases = [p for p in sorted((data / "MICCAI_BraTS2020_TrainingData").iterdir()) if p.is_dir()]
+        case = next(c for c in cases if (np.asarray(nib.load(next(c.glob("*_seg.nii*"))).dataobj) == 4).any())
         seg_path = next(case.glob("*_seg.nii*"))
         seg = nib.load(seg_path)
         values = np.asarray(seg.dataobj).copy()
