@@ -129,28 +129,79 @@ class TestRegistry:
 
 
 class TestResidualBlock:
+    """ResNet-D shortcut (average pooling, then a 1^d projection only where the channels change) and a
+    residual branch whose last norm starts at zero."""
+
     def test_identity_shortcut_when_nothing_changes(self):
         assert isinstance(ResidualBlock(3, 8, 8).shortcut, nn.Identity)
 
-    @pytest.mark.parametrize("c_in, c_out, stride", [(4, 8, 1), (8, 8, 2), (4, 8, 2)])
-    def test_projection_when_channels_or_stride_change(self, c_in, c_out, stride):
-        shortcut = ResidualBlock(3, c_in, c_out, stride=stride).shortcut
-        assert isinstance(shortcut, ConvNormAct)
-        assert shortcut.conv.kernel_size == (1, 1, 1) and shortcut.conv.stride == (stride,) * 3
-        assert (shortcut.conv.in_channels, shortcut.conv.out_channels) == (c_in, c_out)
-        assert isinstance(shortcut.norm, nn.InstanceNorm3d)
-        out = ResidualBlock(3, c_in, c_out, stride=stride)(torch.randn(1, c_in, 8, 8, 8))
-        assert out.shape == (1, c_out, *(8 // stride,) * 3)
+    def test_projection_without_pooling_when_only_the_channels_change(self):
+        shortcut = ResidualBlock(3, 4, 8).shortcut
+        assert list(dict(shortcut.named_children())) == ["conv", "norm"]
+        assert shortcut.conv.kernel_size == (1, 1, 1) and shortcut.conv.stride == (1, 1, 1)
+        assert (shortcut.conv.in_channels, shortcut.conv.out_channels) == (4, 8) and shortcut.conv.bias is None
+        assert isinstance(shortcut.norm, nn.InstanceNorm3d) and shortcut.norm.affine
 
-    def test_identity_adds_the_input_before_the_activation(self):
-        block = ResidualBlock(2, 3, 3)
-        nn.init.zeros_(block.conv2.norm.weight)  # residual branch -> exactly 0
-        x = torch.randn(1, 3, 4, 4)
-        torch.testing.assert_close(block(x), nn.functional.leaky_relu(x, 0.01))
+    @pytest.mark.parametrize("spatial_dims, pool", [(3, nn.AvgPool3d), (2, nn.AvgPool2d)])
+    def test_average_pool_then_projection_when_stride_and_channels_change(self, spatial_dims, pool):
+        shortcut = ResidualBlock(spatial_dims, 4, 8, stride=2).shortcut
+        assert list(dict(shortcut.named_children())) == ["pool", "conv", "norm"]
+        assert isinstance(shortcut.pool, pool) and shortcut.pool.kernel_size in (2, (2,) * spatial_dims)
+        assert shortcut.pool.stride in (2, (2,) * spatial_dims)
+        assert shortcut.conv.kernel_size == (1,) * spatial_dims and shortcut.conv.stride == (1,) * spatial_dims
+
+    def test_only_average_pool_when_only_the_stride_changes(self):
+        shortcut = ResidualBlock(3, 8, 8, stride=2).shortcut
+        assert list(dict(shortcut.named_children())) == ["pool"]
+        x = torch.randn(1, 8, 4, 4, 4)
+        torch.testing.assert_close(shortcut(x), nn.functional.avg_pool3d(x, 2))
+
+    @pytest.mark.parametrize("c_in, c_out, stride", [(8, 8, 1), (4, 8, 1), (8, 8, 2), (4, 8, 2)])
+    def test_fresh_block_is_the_activated_shortcut(self, c_in, c_out, stride):
+        torch.manual_seed(0)
+        block = ResidualBlock(3, c_in, c_out, stride=stride)
+        assert torch.count_nonzero(block.conv2.norm.weight) == 0 and torch.count_nonzero(block.conv2.norm.bias) == 0
+        x = torch.randn(2, c_in, 8, 8, 8)
+        out = block(x)
+        assert out.shape == (2, c_out, *(8 // stride,) * 3)
+        torch.testing.assert_close(out, nn.functional.leaky_relu(block.shortcut(x), 0.01))
+        if c_in == c_out and stride == 1:
+            torch.testing.assert_close(out, nn.functional.leaky_relu(x, 0.01))
+
+    def test_residual_branch_still_learns_from_zero(self):
+        block = ResidualBlock(3, 4, 8, stride=2)
+        block(torch.randn(2, 4, 8, 8, 8)).square().mean().backward()
+        assert block.conv2.norm.weight.grad.abs().sum() > 0  # the zero weight gets a gradient
+
+    @pytest.mark.parametrize("c_in, c_out", [(4, 8), (8, 8)])
+    def test_strided_shortcut_sees_every_input_voxel(self, c_in, c_out):
+        """Changing any single input voxel changes the shortcut's output (a strided 1^d conv would miss 7 in 8)."""
+        torch.manual_seed(0)
+        shortcut = ResidualBlock(3, c_in, c_out, stride=2).shortcut.eval()
+        x = torch.randn(1, c_in, 4, 4, 4)
+        reference = shortcut(x)
+        for index in range(x[0, 0].numel()):
+            bumped = x.clone()
+            bumped[0, 0].view(-1)[index] += 3.0
+            assert not torch.allclose(shortcut(bumped), reference), index
+
+    def test_zero_init_survives_network_construction(self):
+        net = tiny("resunet", 3)  # UNet._init_weights re-initialises the convolutions after the blocks are built
+        blocks = [stage for stage in net.encoder if isinstance(stage, ResidualBlock)]
+        assert len(blocks) == len(CHANNELS)
+        for block in blocks:
+            assert torch.count_nonzero(block.conv2.norm.weight) == 0 and torch.count_nonzero(block.conv2.norm.bias) == 0
+            assert torch.count_nonzero(block.conv1.norm.weight) == block.conv1.norm.weight.numel()  # only the last
+        x = torch.randn(1, 4, 16, 16, 16)
+        for block in blocks:  # each stage of a fresh network is its activated shortcut
+            expected = nn.functional.leaky_relu(block.shortcut(x), 0.01)
+            x = block(x)
+            torch.testing.assert_close(x, expected)
 
     def test_resunet_encoder_projects_only_where_needed(self):
         net = tiny("resunet", 3)  # 4 modalities -> 4, 8, 16, 32
         assert isinstance(net.encoder[0].shortcut, nn.Identity)  # 4 -> 4 at stride 1: nothing changes
-        assert [s.shortcut.conv.stride for s in net.encoder[1:]] == [(2, 2, 2)] * 3
+        for stage in net.encoder[1:]:
+            assert list(dict(stage.shortcut.named_children())) == ["pool", "conv", "norm"]
         wider = UNet(3, channels=(8, 16), block="residual")
-        assert wider.encoder[0].shortcut.conv.stride == (1, 1, 1)  # 4 -> 8 channels at stride 1
+        assert list(dict(wider.encoder[0].shortcut.named_children())) == ["conv", "norm"]  # 4 -> 8 at stride 1

@@ -7,12 +7,15 @@ convolutions followed by a norm have no bias, since the norm removes it anyway.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
 CONV: dict[int, type[nn.Module]] = {2: nn.Conv2d, 3: nn.Conv3d}
 CONV_TRANSPOSE: dict[int, type[nn.Module]] = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 NORM: dict[int, type[nn.Module]] = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+AVG_POOL: dict[int, type[nn.Module]] = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 NEGATIVE_SLOPE = 0.01
 
@@ -72,22 +75,35 @@ class DoubleConv(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Two 3^d convolutions with a shortcut; the activation comes after the addition.
+    """Two 3^d convolutions with a shortcut; the activation comes after the addition (ResNet-D, as
+    dynamic-network-architectures' ``BasicBlockD``).
 
-    The shortcut is ``nn.Identity`` when neither the stride nor the channel count changes, else a
-    projection: a 1^d convolution with the block's stride followed by an InstanceNorm.
+    The shortcut is ``nn.Identity`` when neither the stride nor the channel count changes. Otherwise it is
+    an ``nn.Sequential`` of ``pool``, an average pooling with kernel = stride, where the stride changes
+    (every input voxel counts, where a strided 1^d convolution would read one voxel in ``stride ** d``),
+    and ``conv`` + ``norm``, a 1^d convolution and an InstanceNorm, where the channel count changes.
+
+    The norm that ends the residual branch (``conv2.norm``) starts with weight and bias zero, so a fresh
+    block computes ``LeakyReLU(shortcut(x))``: a deep stack starts close to the identity and the branches
+    learn their corrections from there.
 
     Maps ``(B, in_channels, *S)`` to ``(B, out_channels, *S / stride)``.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *, stride: int = 1) -> None:
         super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
         self.conv1 = ConvNormAct(spatial_dims, in_channels, out_channels, stride=stride)
         self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, act=False)
-        if stride == 1 and in_channels == out_channels:
-            self.shortcut: nn.Module = nn.Identity()
-        else:
-            self.shortcut = ConvNormAct(spatial_dims, in_channels, out_channels, kernel_size=1, stride=stride, act=False)
+        nn.init.zeros_(self.conv2.norm.weight)
+        nn.init.zeros_(self.conv2.norm.bias)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        if stride != 1:
+            layers["pool"] = AVG_POOL[spatial_dims](kernel_size=stride, stride=stride)
+        if in_channels != out_channels:
+            layers["conv"] = CONV[spatial_dims](in_channels, out_channels, kernel_size=1, bias=False)
+            layers["norm"] = _norm(spatial_dims, out_channels)
+        self.shortcut: nn.Module = nn.Sequential(layers) if layers else nn.Identity()
         self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
