@@ -76,10 +76,17 @@ demo: setup
 DEMO_EPOCHS ?= 30
 DEMO_TRAIN := --channels 8,16,32,64,128 --patch-size 64,64,64 --batch-size 2 --epochs $(DEMO_EPOCHS) --iterations 200 \
               --val-fraction 0.125 --val-interval 10 --schedule cosine --lr 3e-3 --seed 0
-models: setup
+.PHONY: models-data models-train
+models: models-data models-train
+
+# The cohort: 80 training cases (cached for training) and 40 unseen test cases.
+models-data: setup
 	$(BATCH_ENV) $(PY) -m training synth data/synth-train --cases 80 --seed 1 --start-index 1 & train=$$!; \
 	$(BATCH_ENV) $(PY) -m training synth data/synth-test --cases 40 --seed 2 --start-index 401 && wait $$train
 	$(BATCH_ENV) $(PY) -m training preprocess data/synth-train data/cache/synth-train --workers 2
+
+# Both networks from that cache: train, export, learn postprocessing, evaluate into the card.
+models-train: setup
 	pids=; for arch in unet resunet; do \
 	  rm -rf runs/$$arch && mkdir -p runs && \
 	  { OMP_NUM_THREADS=1 $(BATCH_ENV) $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch \

@@ -45,8 +45,8 @@ from training.data.readers import Case, find_cases, load_case
 
 log = logging.getLogger(__name__)
 
-MIN_SIZE_GRID_ML: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
-"""Candidate sizes (ml) below which a region's components are removed (10 to 1,000 voxels of 1 mm^3)."""
+MIN_SIZE_GRID_ML: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+"""Candidate sizes (ml) below which a region's components are removed (10 to 2,000 voxels of 1 mm^3)."""
 
 ET_TO_NCR_GRID_ML: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0)
 """Candidate ET volumes (ml) below which all ET becomes NCR/NET; not changing anything (0) is the baseline."""
