@@ -73,7 +73,7 @@ demo: setup
 # Demo models: a synthetic cohort (every case kind, tumour-free brains included), both networks trained side by
 # side (one thread each), then for each: export, postprocessing learned on its validation cases, evaluation on
 # 40 unseen cases written into its card (see docs/models.md).
-DEMO_EPOCHS ?= 30
+DEMO_EPOCHS ?= 18
 DEMO_TRAIN := --channels 8,16,32,64,128 --patch-size 64,64,64 --batch-size 2 --epochs $(DEMO_EPOCHS) --iterations 200 \
               --val-fraction 0.125 --val-interval 10 --schedule cosine --lr 3e-3 --seed 0
 .PHONY: models-data models-train
