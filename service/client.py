@@ -264,6 +264,7 @@ class SegmentationClient:
         model: str | None = None,
         tta: bool = False,
         format: str = "nifti",
+        postprocess: bool = True,
     ) -> SegmentResult:
         """Segment one case.
 
@@ -276,6 +277,7 @@ class SegmentationClient:
             tta: Test-time augmentation by mirroring (8 flips averaged for 3D models, 4 for 2D; that many times slower).
             format: ``"nifti"`` (the mask comes as the body, the summary in a header) or ``"json"`` (the
                 mask comes base64-encoded inside the JSON); the result is the same.
+            postprocess: Apply the postprocessing rules of the model's card (``False``: the raw mask).
 
         Raises:
             ValueError: neither or both of ``paths`` and ``image``, unknown part names, a bad ``format``.
@@ -299,7 +301,8 @@ class SegmentationClient:
                 raise FileNotFoundError(f"no such file: {path}")
 
         body = _MultipartBody(tuple(parts))
-        params: dict[str, str] = {"format": format, "tta": "true" if tta else "false"}
+        params: dict[str, str] = {"format": format, "tta": "true" if tta else "false",
+                                  "postprocess": "true" if postprocess else "false"}
         if model is not None:
             params["model"] = model
         headers = {"Content-Type": body.content_type, "Content-Length": str(len(body))}
@@ -416,6 +419,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default=DEFAULT_URL, help=f"service root (default {DEFAULT_URL})")
     p.add_argument("--model", help="model name from GET /models, or 'ensemble' (default: the service's default)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (8 flips for 3D models, 4 for 2D: that much slower)")
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="the raw mask, without the postprocessing rules of the model's card")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--label", type=Path, help="ground-truth segmentation to score the mask against")
     group.add_argument("--score", action="store_true", help="score against the case folder's CASE_seg file")
@@ -512,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = False if args.no_progress else None
     try:
         with SegmentationClient(args.url, api_key=api_key, timeout=args.timeout, progress=progress) as client:
-            result = client.segment(job.paths, image=job.image, label=job.label, model=args.model, tta=args.tta)
+            result = client.segment(job.paths, image=job.image, label=job.label, model=args.model, tta=args.tta,
+                                    postprocess=not args.no_postprocess)
     except ServiceError as err:
         status = f"{err.status} " if err.status else ""
         retry = f" (retry after {err.retry_after} s)" if err.retry_after else ""

@@ -91,3 +91,24 @@ def test_an_invalid_value_is_422(service, upload):
         response = client.post("/segment", params={"postprocess": "maybe"}, files=upload)
     assert response.status_code == 422
     assert "postprocess" in response.json()["detail"]
+
+
+def test_client_library_and_cli_pass_the_flag(service, tmp_path):
+    from service.client import SegmentationClient, main
+    from tests.service.support import write_image4d
+
+    image = scan()
+    image[(FLAIR, *BLOB)] = 10.0
+    parts = write_case(tmp_path / "case", image)
+    with SegmentationClient(service.url, progress=False) as client:
+        default = client.segment(parts)
+        raw = client.segment(parts, postprocess=False)
+    assert default.summary["postprocessed"] is True and raw.summary["postprocessed"] is False
+    np.testing.assert_array_equal(mask_of(default.mask), apply_postprocessing(raw_labels(), SPACING, RULES))
+    np.testing.assert_array_equal(mask_of(raw.mask), raw_labels())
+    image4d = write_image4d(tmp_path / "case_4d.nii.gz", image)
+    for flags, expected in (([], apply_postprocessing(raw_labels(), SPACING, RULES)),
+                            (["--no-postprocess"], raw_labels())):
+        out = tmp_path / f"mask{len(flags)}.nii.gz"
+        assert main([str(image4d), "--url", service.url, *flags, "--out", str(out), "--no-progress"]) == 0
+        np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), expected)
