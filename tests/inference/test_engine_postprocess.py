@@ -138,3 +138,16 @@ class TestModelsWithoutTheField:
         engine = Engine([Wrapped()])
         assert engine.postprocessing is None
         np.testing.assert_array_equal(engine.segment(blob_scan()).labels, raw_labels())
+
+
+def test_a_2d_model_with_anisotropic_spacing(tmp_path):
+    """A 2D (slice-wise) model's labels are a 3D volume like any other; the rule's ml threshold sees the spacing."""
+    rules = PostprocessingRules(WT=RegionRule("remove_small", 0.01))  # the blob: 1 voxel
+    path = build_model(tmp_path, "flat", *pointwise_weights(spatial_dims=2), patch_size=(8, 8),
+                       card_updates={"postprocessing": PostprocessingSpec.from_rules(rules)})
+    engine = Engine([OnnxModel(path, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1)])
+    coarse, fine = (1.0, 1.0, 12.0), (1.0, 1.0, 2.0)  # one voxel: 0.012 ml (kept), 0.002 ml (removed)
+    np.testing.assert_array_equal(engine.segment(blob_scan(), spacing=coarse).labels, raw_labels())
+    result = engine.segment(blob_scan(), spacing=fine)
+    np.testing.assert_array_equal(result.labels, apply_postprocessing(raw_labels(), fine, rules))
+    assert result.labels[BLOB] == 0 and result.postprocessed is True
