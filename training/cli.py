@@ -109,15 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NAME.onnx (repeat for an ensemble)")
     p.add_argument("--data", type=Path, required=True, help="folder of labelled cases (BraTS 2020 or MSD layout)")
     p.add_argument("--out", type=Path, required=True, help="folder for cases.csv and summary.json")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--max-cases", type=int, default=0, help="evaluate at most N cases (0: all)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per network call (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
-    p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime",
-                   help="what runs the models (default onnxruntime, what model cards record)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16 needs --backend openvino on a CPU with AMX or AVX512-BF16 (default fp32)")
+    _add_inference_options(p)
     p.add_argument("--update-card", action="store_true",
                    help="write the result into the model card's `validation` (single model only)")
     p.add_argument("--no-postprocess", action="store_true",
@@ -137,15 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", type=Path, default=None,
                    help="split.json of the training run: learn on its `validation` cases (default: every "
                         "labelled case in --data)")
+    _add_inference_options(p)
+    return parser
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """How `evaluate` and `learn-postprocessing` run the models: the service's engine and backends."""
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per network call (default 1)")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime",
-                   help="what runs the model (default onnxruntime)")
+                   help="what runs the models (default onnxruntime, what model cards record)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16 needs --backend openvino on a CPU with AMX or AVX512-BF16 (default fp32)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
