@@ -4,24 +4,32 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 LOCK         := requirements/lock.txt
 SERVICE_LOCK := requirements/service.txt
-# The CPU build of PyTorch: any other torch is a multi-GB CUDA download.
-TORCH_CPU    := torch==2.13.0+cpu
+# The PyTorch release the lock pins. PyPI serves it for Linux as a multi-GB CUDA build; PyTorch's own index
+# serves the CPU-only build of the same release, which the pin accepts:
+#   PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make setup
+TORCH_PIN    := torch==2.13.0
 # PyTorch training on CPU spends a third of its time in page faults with glibc's default allocator settings;
 # these keep freed memory in the process, which suits batch jobs (make models) but not the long-running service.
 BATCH_ENV := GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: setup run test audit lock models demo
+.PHONY: setup service-setup run test audit lock models demo
 
 setup: $(VENV)/.installed
+service-setup: $(VENV)/.installed-service
 
-# Exact versions from requirements/lock.txt (regenerate it with `make lock`), torch the CPU build included.
-$(VENV)/.installed: pyproject.toml $(LOCK)
+# Exact versions from requirements/lock.txt (regenerate it with `make lock`). The service needs only its
+# extra (no torch); tests, training and benchmarks get everything.
+$(VENV)/.installed-service: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -c $(LOCK) --upgrade pip
+	$(PY) -m pip install --quiet -c $(LOCK) -e '.[service]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-service pyproject.toml $(LOCK)
 	$(PY) -m pip install --quiet -c $(LOCK) -e '.[service,train,dev,bench]'
 	touch $@
 
-run: setup
+run: service-setup
 	$(PY) -m service
 
 test: setup
@@ -29,14 +37,11 @@ test: setup
 
 # Known vulnerabilities in the locked versions (pip-audit against PyPI's vulnerability data). Fails on one
 # that has a fix; reports, without failing, packages it could not check (AUDIT_FLAGS=--strict fails then too).
-# PyPI knows only public versions, so local labels (2.13.0+cpu) are audited as the release they build.
 AUDIT_FLAGS ?=
 audit: setup
 	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-	sed -E 's/^([A-Za-z0-9._-]+==[^+ ;]+)\+[A-Za-z0-9.]+/\1/' $(LOCK) > "$$tmp/lock.txt" && \
-	sed -E 's/^([A-Za-z0-9._-]+==[^+ ;]+)\+[A-Za-z0-9.]+/\1/' $(SERVICE_LOCK) > "$$tmp/service.txt" && \
 	{ $(VENV)/bin/pip-audit --no-deps --disable-pip --format json --progress-spinner off \
-	    -r "$$tmp/lock.txt" -r "$$tmp/service.txt" -o "$$tmp/report.json" 2> "$$tmp/pip-audit.log" \
+	    -r $(LOCK) -r $(SERVICE_LOCK) -o "$$tmp/report.json" 2> "$$tmp/pip-audit.log" \
 	  || cat "$$tmp/pip-audit.log" >&2; } && \
 	$(PY) scripts/audit.py $(AUDIT_FLAGS) "$$tmp/report.json"
 
@@ -48,18 +53,33 @@ lock:
 	$(call freeze,service$(comma)train$(comma)dev$(comma)bench,--all,$(LOCK))
 	$(call freeze,service,,$(SERVICE_LOCK))
 
+# The Pythons the lock resolves for from PyPI alone (the README names them; requires-python in pyproject.toml):
+# a dry run of each lock for each version, wheels only, without this machine's pip configuration.
+LOCK_PYTHONS := 3.11 3.12 3.13
+.PHONY: lock-check
+lock-check: setup
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	for v in $(LOCK_PYTHONS); do for f in $(LOCK) $(SERVICE_LOCK); do \
+	  grep -vE '^(pip|setuptools)==' $$f > "$$tmp/req.txt" && \
+	  PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --isolated --quiet --dry-run --ignore-installed --no-deps \
+	    --only-binary=:all: --python-version $$v --target "$$tmp/t" -r "$$tmp/req.txt" \
+	  && echo "Python $$v: $$f resolves from PyPI" || { echo "Python $$v: $$f does NOT resolve" >&2; exit 1; }; \
+	done; done
+
 # $(call freeze,EXTRAS,FREEZE_FLAGS,OUTPUT): install .[EXTRAS] in a throw-away venv, write its pins to OUTPUT
 # (installed editable, which leaves no build/ folder behind and which --exclude-editable leaves out).
 define freeze
 @tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
-echo '$(TORCH_CPU)' > "$$tmp/torch.txt" && \
+echo '$(TORCH_PIN)' > "$$tmp/torch.txt" && \
 $(PYTHON) -m venv "$$tmp/venv" && \
 "$$tmp/venv/bin/python" -m pip install --quiet --upgrade pip && \
 "$$tmp/venv/bin/python" -m pip install --quiet -c "$$tmp/torch.txt" -e '.[$(1)]' && \
 { echo '# Exact versions of what `pip install ".[$(1)]"` installs. Regenerate with `make lock`, which runs'; \
-  echo '# that install in a throw-away venv (torch constrained to $(TORCH_CPU)), then'; \
-  echo '# `pip freeze $(if $(2),$(2) )--exclude-editable` without the project itself. Do not edit by hand.'; \
-  "$$tmp/venv/bin/python" -m pip freeze $(2) --exclude-editable | grep -viE '^brats[-_.]seg( |=|@|$$)'; \
+  echo '# that install in a throw-away venv (torch constrained to $(TORCH_PIN)), then'; \
+  echo '# `pip freeze $(if $(2),$(2) )--exclude-editable` without the project itself, local version labels'; \
+  echo '# (+cpu) dropped so that PyPI can serve every pin. Do not edit by hand.'; \
+  "$$tmp/venv/bin/python" -m pip freeze $(2) --exclude-editable | grep -viE '^brats[-_.]seg( |=|@|$$)' \
+    | sed -E 's/^([A-Za-z0-9._-]+==[^+ ;]+)\+[A-Za-z0-9.]+/\1/'; \
 } > "$$tmp/out" && \
 mkdir -p $(dir $(3)) && mv "$$tmp/out" $(3) && echo "wrote $(3)"
 endef

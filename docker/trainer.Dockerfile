@@ -6,16 +6,13 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
-# The versions of requirements/lock.txt (`make lock`) as constraints, torch without its +cpu label: the lock
-# holds the CPU build that development uses, this image PyPI's build of the same release with its CUDA libraries.
+# The versions of requirements/lock.txt (`make lock`) as constraints; PyPI's torch of that release brings its
+# CUDA libraries.
 COPY requirements/lock.txt ./requirements/lock.txt
 COPY pyproject.toml README.md ./
 COPY service ./service
 COPY training ./training
-RUN sed -E 's/^(torch==[^+ ;]+)\+cpu$/\1/' requirements/lock.txt > /tmp/constraints.txt \
-    && grep -qx 'torch==[^+]*' /tmp/constraints.txt \
-    && pip install -c /tmp/constraints.txt ".[train]" \
-    && rm /tmp/constraints.txt \
+RUN pip install -c requirements/lock.txt ".[train]" \
     && useradd --create-home --uid 10001 trainer
 USER trainer
 

@@ -443,8 +443,28 @@ class TestLocks:
             assert name not in service, f"requirements/service.txt holds {name}, which the service does not need"
         assert "brats-seg" not in service and "brats-seg" not in full
 
-    def test_torch_is_the_cpu_build(self):
-        assert read_pins(ROOT / "requirements/lock.txt")["torch"].endswith("+cpu")
+    def test_every_pin_is_a_version_pypi_serves(self):
+        """No local version label (2.13.0+cpu lives only on PyTorch's own index): a fresh machine with PyPI
+        alone must resolve the lock (`make lock-check` resolves it for each Python the README names)."""
+        for path in ("requirements/lock.txt", "requirements/service.txt"):
+            pins = read_pins(ROOT / path)
+            local = {name: version for name, version in pins.items() if "+" in version}
+            assert not local, f"{path}: {local}"
+        assert read_pins(ROOT / "requirements/lock.txt")["torch"] == "2.13.0"
+
+    def test_the_pythons_named_are_the_ones_checked(self):
+        makefile = (ROOT / "Makefile").read_text()
+        pythons = re.search(r"^LOCK_PYTHONS\s*:=\s*(.+)$", makefile, re.M).group(1).split()
+        lowest = min(pythons, key=lambda v: tuple(int(p) for p in v.split(".")))
+        assert f'requires-python = ">={lowest}"' in (ROOT / "pyproject.toml").read_text()
+        assert f"Python {lowest}+" in (ROOT / "README.md").read_text()
+
+    def test_run_installs_only_what_the_service_needs(self):
+        makefile = (ROOT / "Makefile").read_text()
+        run = re.search(r"^run:(.*)$", makefile, re.M).group(1).split()
+        assert run == ["service-setup"]
+        assert "-c $(LOCK) -e '.[service]'" in re.search(
+            r"^\$\(VENV\)/\.installed-service:.*?\n\n", makefile, re.M | re.S).group(0)
 
     def test_setup_installs_with_the_lock_as_constraints(self):
         makefile = (ROOT / "Makefile").read_text()
