@@ -18,6 +18,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.inference.backends import DEFAULT_CUDNN_CONV_ALGO_SEARCH
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1)
     """ONNX Runtime intra-op threads per model; unset leaves ONNX Runtime's default (all cores)."""
 
-    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = DEFAULT_CUDNN_CONV_ALGO_SEARCH
     """cuDNN convolution algorithm search on CUDA (``EXHAUSTIVE`` benchmarks on the first request)."""
 
     gpu_mem_limit_bytes: int | None = Field(default=None, ge=1)

@@ -43,6 +43,8 @@ kept Dice within 0.005 of fp32 on the synthetic validation cases (README, "Perfo
 
 DEFAULT_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
 CUDNN_CONV_ALGO_SEARCH: tuple[str, ...] = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+DEFAULT_CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
+"""The one default of the cuDNN search, for the service's settings, ``evaluate`` and every backend."""
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
@@ -83,7 +85,7 @@ def provider_list(
     wanted: Sequence[str],
     available: Sequence[str],
     *,
-    cudnn_conv_algo_search: str = "EXHAUSTIVE",
+    cudnn_conv_algo_search: str = DEFAULT_CUDNN_CONV_ALGO_SEARCH,
     gpu_mem_limit: int | None = None,
 ) -> list[str | tuple[str, dict[str, str]]]:
     """ONNX Runtime ``providers`` argument: ``wanted`` in order, those not ``available`` left out.
@@ -153,7 +155,7 @@ class OnnxRuntimeBackend:
         *,
         providers: Sequence[str] | None = None,
         threads: int | None = None,
-        cudnn_conv_algo_search: str = "EXHAUSTIVE",
+        cudnn_conv_algo_search: str = DEFAULT_CUDNN_CONV_ALGO_SEARCH,
         gpu_mem_limit: int | None = None,
     ) -> None:
         available = ort.get_available_providers()
@@ -399,7 +401,7 @@ def open_backend(
     precision: str = "auto",
     providers: Sequence[str] | None = None,
     threads: int | None = None,
-    cudnn_conv_algo_search: str = "EXHAUSTIVE",
+    cudnn_conv_algo_search: str = DEFAULT_CUDNN_CONV_ALGO_SEARCH,
     gpu_mem_limit: int | None = None,
     patch_size: Sequence[int] | None = None,
     batch_size: int = 1,

@@ -38,6 +38,7 @@ from service.core.postprocess import PostprocessingRules, apply_postprocessing, 
 from service.core.preprocess import preprocess, uncrop
 from service.inference.backends import (  # noqa: F401  (provider_list, session_options: part of this API)
     CUDNN_CONV_ALGO_SEARCH,
+    DEFAULT_CUDNN_CONV_ALGO_SEARCH,
     DEFAULT_PROVIDERS,
     Backend,
     open_backend,
@@ -100,8 +101,8 @@ class OnnxModel:
         providers: ONNX Runtime execution providers in order of preference; default CUDA then CPU, whichever
             this build has. Naming one that it lacks is an error.
         intra_op_threads: threads per operator; ``None`` leaves the backend's default (all cores).
-        cudnn_conv_algo_search: ``"EXHAUSTIVE"`` (benchmark once per input shape; the patch and batch
-            are fixed, so this is paid on the first call) or ``"HEURISTIC"`` (no benchmark), for CUDA.
+        cudnn_conv_algo_search: ``"HEURISTIC"`` (the default: no benchmark) or ``"EXHAUSTIVE"`` (benchmark
+            once per input shape; the patch and batch are fixed, so this is paid on the first call), for CUDA.
         gpu_mem_limit: cap of the CUDA memory arena in bytes (``None``: no cap).
         batch_size: windows per call the backend prepares for (OpenVINO compiles for it).
 
@@ -120,7 +121,7 @@ class OnnxModel:
         precision: str = "auto",
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
-        cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "EXHAUSTIVE",
+        cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = DEFAULT_CUDNN_CONV_ALGO_SEARCH,
         gpu_mem_limit: int | None = None,
         batch_size: int = 1,
     ) -> None:

@@ -153,3 +153,19 @@ class TestOpenVino:
         path.write_bytes(b"not a model")
         with pytest.raises(ValueError, match="OpenVINO cannot read the model"):
             OpenVinoBackend(path)
+
+
+def test_one_default_for_the_cudnn_search_everywhere():
+    """The service's settings, the engine's models (what `training evaluate` uses) and the backends agree."""
+    import inspect
+
+    from service.inference import backends
+    from service.inference.engine import OnnxModel
+    from service.settings import Settings
+
+    defaults = {
+        "settings": Settings.model_fields["cudnn_conv_algo_search"].default,
+        "OnnxModel": inspect.signature(OnnxModel).parameters["cudnn_conv_algo_search"].default,
+        "open_backend": inspect.signature(backends.open_backend).parameters["cudnn_conv_algo_search"].default,
+    }
+    assert set(defaults.values()) == {backends.DEFAULT_CUDNN_CONV_ALGO_SEARCH}, defaults
