@@ -42,11 +42,6 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 """The id of the request being handled in this context (``"-"`` outside a request)."""
 
 
-def current_request_id() -> str:
-    """The id of the request being handled, ``"-"`` outside one."""
-    return request_id_var.get()
-
-
 def request_id_from(value: str | None) -> str:
     """The client's id if it is a sane token (letters, digits, ``._:-``, at most 128), else a new uuid4 hex."""
     if value and _SANE_ID.match(value):

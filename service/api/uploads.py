@@ -411,8 +411,8 @@ async def receive_multipart(
         deadline_s: Longest time for the whole body (``None``: no limit).
 
     Raises:
-        ProblemError: 413 over ``max_bytes``; 408 when a chunk or the whole body is late; 400 for a malformed or incomplete
-            body, a client disconnect, or a part-rule violation.
+        ProblemError: 413 over ``max_bytes``; 408 when a chunk or the whole body is late; 499 when the client
+            disconnects; 400 for a malformed or incomplete body or a part-rule violation.
     """
     receiver = _Receiver(boundary, folder, max_bytes=max_bytes)
     try:

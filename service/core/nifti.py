@@ -144,11 +144,6 @@ class Geometry:
         )
 
     @classmethod
-    def from_image(cls, img: nib.Nifti1Image) -> Geometry:
-        """Geometry of a nibabel NIfTI-1 or NIfTI-2 image (its first three axes)."""
-        return cls.from_header(img.header)
-
-    @classmethod
     def from_affine(
         cls, shape: tuple[int, int, int], affine: np.ndarray, *, qform_code: int = 1, sform_code: int = 1
     ) -> Geometry:
