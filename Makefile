@@ -105,20 +105,20 @@ models-data: setup
 	$(BATCH_ENV) $(PY) -m training synth data/synth-test --cases 40 --seed 2 --start-index 401 && wait $$train
 	$(BATCH_ENV) $(PY) -m training preprocess data/synth-train data/cache/synth-train --workers 2
 
-# Both networks from that cache: train, export, learn postprocessing, evaluate into the card.
+# Both networks from that cache, side by side on one thread each, each going on alone as soon as it has trained:
+# train, export, learn postprocessing on its validation cases, evaluate on the test cases into its card.
 models-train: setup
 	pids=; for arch in unet resunet; do \
 	  rm -rf runs/$$arch && mkdir -p runs && \
-	  { OMP_NUM_THREADS=1 $(BATCH_ENV) $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch \
-	      --arch $$arch $(DEMO_TRAIN) > runs/$$arch.train.log 2>&1 & pids="$$pids $$!"; } ; \
-	done; for pid in $$pids; do wait $$pid || { echo "training failed: see runs/*.train.log" >&2; exit 1; }; done
-	for arch in unet resunet; do \
-	  tail -n 3 runs/$$arch/log.csv && \
-	  $(BATCH_ENV) $(PY) -m training export --checkpoint runs/$$arch/checkpoint_best.pt --name $$arch --models-dir models && \
-	  $(PY) -m training learn-postprocessing --model models/$$arch.onnx --data data/synth-train --split runs/$$arch/split.json && \
-	  $(PY) -m training evaluate --model models/$$arch.onnx --data data/synth-test --out runs/$$arch/eval --update-card \
-	  || exit 1; \
-	done
+	  { ( export OMP_NUM_THREADS=1 $(BATCH_ENV) && \
+	      $(PY) -m training train --cache data/cache/synth-train --out runs/$$arch --arch $$arch $(DEMO_TRAIN) && \
+	      $(PY) -m training export --checkpoint runs/$$arch/checkpoint_best.pt --name $$arch --models-dir models && \
+	      $(PY) -m training learn-postprocessing --model models/$$arch.onnx --data data/synth-train \
+	        --split runs/$$arch/split.json --threads 1 && \
+	      $(PY) -m training evaluate --model models/$$arch.onnx --data data/synth-test --out runs/$$arch/eval \
+	        --update-card --threads 1 ) > runs/$$arch.log 2>&1 & pids="$$pids $$!"; } ; \
+	done; for pid in $$pids; do wait $$pid || { echo "make models failed: see runs/unet.log, runs/resunet.log" >&2; exit 1; }; done
+	$(PY) scripts/models_table.py unet=runs/unet/eval resunet=runs/resunet/eval
 
 # Load and soak test of the service on the shipped models: 3 minutes, results in runs/soak/ (README, Robustness).
 .PHONY: soak
