@@ -59,6 +59,7 @@ SECTION_TITLES = {
 WIDE_CHANNELS = (16, 32, 64, 128, 256)
 """A ResU-Net as wide as the reference network of the measurements that set the goals (random weights)."""
 CASE_SEED = 20
+CASE_KIND = "hgg_necrotic"  # a high-grade tumour: the usual case a request brings
 FULL_SIZE = (240, 240, 155)
 QUICK_SIZE, QUICK_SPACING = (96, 96, 62), (2.5, 2.5, 2.5)
 PEAK_SIZE, QUICK_PEAK_SIZE = 4096, 1024
@@ -213,13 +214,13 @@ def make_input(ctx: Context) -> None:
     seed = case_seed(CASE_SEED, 1)
     start = time.perf_counter()
     if ctx.quick:
-        image, _, affine = make_case(seed, size=QUICK_SIZE, spacing=QUICK_SPACING)
+        image, _, affine = make_case(seed, size=QUICK_SIZE, spacing=QUICK_SPACING, kind=CASE_KIND)
     else:
-        image, _, affine = make_case(seed, size=FULL_SIZE)
+        image, _, affine = make_case(seed, size=FULL_SIZE, kind=CASE_KIND)
     pre = preprocess(image)
     ctx.case = {"image": image, "affine": affine, "data": np.ascontiguousarray(pre.data)}
     ctx.results["case"] = {
-        "generator": f"training.data.synthetic.make_case(case_seed({CASE_SEED}, 1))",
+        "generator": f"training.data.synthetic.make_case(case_seed({CASE_SEED}, 1), kind={CASE_KIND!r})",
         "shape": list(image.shape),
         "spacing_mm": list(QUICK_SPACING) if ctx.quick else [1.0, 1.0, 1.0],
         "crop_shape": list(pre.data.shape),
