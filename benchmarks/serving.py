@@ -9,11 +9,6 @@ variables are not passed on, so that the figures are those of a default installa
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,21 +19,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-MODALITIES = ("flair", "t1", "t1ce", "t2")
+from service.core.labels import MODALITIES
+from service.launcher import LaunchError, ServiceProcess, clean_env, start_service
 READY_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 900.0
 
 
 class ServiceError(RuntimeError):
     """The service could not be started, or answered a request with an error."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def proc_memory(pid: int) -> dict[str, int]:
@@ -53,7 +41,7 @@ def proc_memory(pid: int) -> dict[str, int]:
 
 
 class Server:
-    """``python -m service --host 127.0.0.1 --port FREE`` with its own upload folder and log.
+    """``python -m service`` (:func:`service.launcher.start_service`) with its own upload folder and log.
 
     Args:
         workdir: a folder of this run (the upload folder and the log go there).
@@ -65,15 +53,8 @@ class Server:
         workdir.mkdir(parents=True, exist_ok=True)
         self.spool = Path(tempfile.mkdtemp(prefix="spool-", dir=workdir))
         self.log_path = self.spool.with_name(self.spool.name + ".log")
-        self.port = free_port()
-        self.url = f"http://{HOST}:{self.port}"
         self.settings = {"BRATS_MODELS_DIR": str(models_dir), "BRATS_TMP_DIR": str(self.spool), **(settings or {})}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BRATS_")}
-        self.env.update(self.settings)
-        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
-        self.command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(self.port)]
-        self.process: subprocess.Popen | None = None
-        self.startup_s: float | None = None
+        self.service: ServiceProcess | None = None
 
     def __enter__(self) -> Server:
         self.start()
@@ -83,52 +64,39 @@ class Server:
         self.stop()
 
     @property
+    def url(self) -> str:
+        return self._running().url
+
+    @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        return self._running().pid
+
+    @property
+    def startup_s(self) -> float:
+        """Seconds from the start of the process until ``/readyz`` answered 200."""
+        return self._running().startup_s
+
+    def _running(self) -> ServiceProcess:
+        if self.service is None:
+            raise ServiceError("the service has not been started")
+        return self.service
 
     def start(self) -> None:
-        """Start it and wait until ``/readyz`` answers 200 (``startup_s``: how long that took)."""
-        started = time.perf_counter()
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command, env=self.env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServiceError(f"the service exited with status {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                ready = httpx.get(self.url + "/readyz", timeout=5.0)
-                if ready.status_code == 200:
-                    self.startup_s = time.perf_counter() - started
-                    return
-                last = f"/readyz {ready.status_code}: {ready.text[:200]}"
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise ServiceError(f"the service was not ready within {READY_TIMEOUT_S:.0f} s ({last}):\n{self.log_tail()}")
+        """Start it and wait until ``/readyz`` answers 200."""
+        try:
+            self.service = start_service(self.log_path, env=clean_env(self.settings), timeout_s=READY_TIMEOUT_S)
+        except LaunchError as exc:
+            raise ServiceError(str(exc)) from None
 
     def memory(self) -> dict[str, int]:
         return proc_memory(self.pid)
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self.service.log_tail(lines) if self.service is not None else "(no log)"
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout_s)
+        if self.service is not None:
+            self.service.stop(timeout_s)
 
 
 @dataclass(frozen=True)

@@ -41,13 +41,11 @@ import base64
 import gzip
 import json
 import os
-import platform
 import random
 import shlex
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,7 +54,6 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,21 +61,20 @@ import httpx
 import nibabel as nib
 import numpy as np
 
-from benchmarks.serving import HOST, free_port, proc_memory
+from benchmarks.machine import library_versions, machine_info
+from benchmarks.serving import proc_memory
+from service.core.labels import MODALITIES
+from service.launcher import HOST, LaunchError, ServiceProcess, clean_env, free_port, service_command, start_service
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
 DEFAULT_OUT = PROJECT_ROOT / "runs" / "soak"
-MODALITIES = ("flair", "t1", "t1ce", "t2")
 
 RSS_TOLERANCE = 0.10
 """The resident memory at the end may exceed the one after the warm-up by at most this fraction."""
 PROGRESS_EVERY_S = 10.0
 CLAIMED_SHAPE = (1024, 1024, 1024)
 """What the oversized header claims: 1 Gi voxels, far above the service's default limit of 64 Mi."""
-LIBRARIES = (
-    "onnxruntime", "openvino", "numpy", "fastapi", "uvicorn", "starlette", "python-multipart", "httpx", "nibabel",
-)
 
 
 class SoakError(RuntimeError):
@@ -542,7 +538,7 @@ def open_fds(pid: int) -> int:
 
 
 class Server:
-    """``python -m service`` on a free loopback port, with its own temporary upload folder and log.
+    """``python -m service`` (:func:`service.launcher.start_service`) with its own temporary upload folder and log.
 
     Args:
         workdir: A folder owned by this run: ``spool/`` becomes ``BRATS_TMP_DIR``, ``server.log`` the log.
@@ -554,26 +550,32 @@ class Server:
         self.spool = workdir / "spool"
         self.spool.mkdir()
         self.log_path = workdir / "server.log"
+        self.env = clean_env({"BRATS_TMP_DIR": str(self.spool), "BRATS_PROVIDERS": "CPUExecutionProvider", **settings})
+        self.args = ["--models-dir", str(models_dir)]
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BRATS_")}
-        self.env.update({
-            "BRATS_TMP_DIR": str(self.spool),
-            "BRATS_PROVIDERS": "CPUExecutionProvider",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-            **settings,
-        })
-        self.command = [sys.executable, "-m", "service", "--host", HOST, "--port", str(self.port),
-                        "--models-dir", str(models_dir)]
-        self.process: subprocess.Popen | None = None
-        self.killed = False
+        self.service: ServiceProcess | None = None
+
+    @property
+    def process(self):
+        return self._running().process
 
     @property
     def pid(self) -> int:
-        if self.process is None:
+        return self._running().pid
+
+    @property
+    def command(self) -> list[str]:
+        return service_command(self.port, self.args)
+
+    @property
+    def killed(self) -> bool:
+        return self.service is not None and self.service.killed
+
+    def _running(self) -> ServiceProcess:
+        if self.service is None:
             raise SoakError("the service has not been started")
-        return self.process.pid
+        return self.service
 
     def start(self, timeout_s: float) -> None:
         """Start the process and wait until ``/readyz`` answers 200.
@@ -581,34 +583,17 @@ class Server:
         Raises:
             SoakError: with the end of the log, if it exits, or is not ready within ``timeout_s``.
         """
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, cwd=PROJECT_ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SoakError(f"the service exited with status {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                ready = httpx.get(self.url + "/readyz", timeout=2.0)
-                if ready.status_code == 200:
-                    return
-                last = f"/readyz {ready.status_code}: {ready.text[:300]}"
-                if "still loading" not in ready.text:
-                    raise SoakError(f"the service is not ready: {last}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise SoakError(f"the service was not ready within {timeout_s:.0f} s ({last}):\n{self.log_tail()}")
+        try:
+            self.service = start_service(self.log_path, env=self.env, args=self.args, port=self.port,
+                                         timeout_s=timeout_s)
+        except LaunchError as exc:
+            raise SoakError(str(exc)) from None
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.service is not None and self.service.alive()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return self.service.log_tail(lines) if self.service is not None else "(no log)"
 
     def resources(self) -> dict[str, int]:
         """``rss``, ``peak_rss`` (bytes) and ``fds`` of the server process now."""
@@ -639,17 +624,7 @@ class Server:
     def stop(self, timeout_s: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s`` (``killed`` tells); returns the exit status, ``None`` if it
         never started. After a graceful shutdown uvicorn ends by re-raising the signal: status -15."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.killed = True
-                self.process.kill()
-                self.process.wait(timeout_s)
-        return self.process.returncode
+        return None if self.service is None else self.service.stop(timeout_s)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -688,41 +663,12 @@ class Report:
     passed: bool = False
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, memory and OS of this machine."""
-    cpu = platform.processor() or "unknown"
-    memory = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                memory = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_bytes": memory,
-        "accelerator": "none used (BRATS_PROVIDERS=CPUExecutionProvider)",
-        "load_average_at_start": os.getloadavg()[0],
-        "os": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+def soak_machine() -> dict[str, Any]:
+    """The machine (:func:`benchmarks.machine.machine_info`) with the figures the soak report prints."""
+    info = machine_info()
+    info.update({"cores": os.cpu_count(), "accelerator": "none used (BRATS_PROVIDERS=CPUExecutionProvider)",
+                 "load_average_at_start": os.getloadavg()[0]})
+    return info
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -898,7 +844,7 @@ def markdown(report: Report) -> str:
     lines = [
         f"Soak run of {report.load_s:.0f} s: {s['clients']} clients, BRATS_MAX_CONCURRENT={s['max_concurrent']}, "
         f"BRATS_MAX_QUEUE={s['max_queue']}, model {ref.get('model')} ({runs_on}), scan "
-        f"{'x'.join(map(str, s['shape']))} voxels; {report.machine['cpu']}, {report.machine['cores']} cores, "
+        f"{'x'.join(map(str, s['shape']))} voxels; {report.machine['cpu']['model']}, {report.machine['cores']} cores, "
         "no GPU.",
         "",
         "| request kind | sent | expected | answers | unexpected |",
@@ -1038,7 +984,7 @@ def soak(args: argparse.Namespace, argv: Sequence[str]) -> Report:
             "drain_timeout_s": args.drain_timeout,
             "mix": {k.name: k.weight for k in KINDS},
         },
-        machine=machine_info(),
+        machine=soak_machine(),
         libraries=library_versions(),
     )
     workdir = Path(tempfile.mkdtemp(prefix="brats-soak-"))

@@ -7,21 +7,15 @@ The models are one pointwise Conv each (:mod:`tests.tiny_models`), so their segm
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
-import httpx
 import nibabel as nib
 import numpy as np
 
 from service.core.labels import MODALITIES
+from service.launcher import ServiceProcess, clean_env, free_port, settings_env, start_service  # noqa: F401
 from tests import tiny_models
 from tests.tiny_models import expected_labels, pointwise_weights  # noqa: F401  (expected_labels: re-exported)
 from tests.tiny_models import scan as tumour_scan  # noqa: F401  (re-exported for the service tests)
@@ -101,69 +95,20 @@ def build_models(folder, *, with_2d: bool = False) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def settings_env(settings: Mapping[str, object]) -> dict[str, str]:
-    """``{"api_keys": ["a", "b"], "max_queue": 2}`` -> ``{"BRATS_API_KEYS": "a,b", "BRATS_MAX_QUEUE": "2"}``."""
-    env = {}
-    for key, value in settings.items():
-        if isinstance(value, (list, tuple)):
-            value = ",".join(map(str, value))
-        elif isinstance(value, bool):
-            value = "true" if value else "false"
-        env[f"BRATS_{key.upper()}"] = str(value)
-    return env
-
-
-@dataclass
-class Server:
-    """A running ``python -m service``: its base ``url``, process and log file."""
-
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-
-    def logs(self) -> str:
-        """Everything the process wrote to stdout and stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def client(self, **kwargs) -> httpx.Client:
-        kwargs.setdefault("timeout", 30.0)
-        return httpx.Client(base_url=self.url, **kwargs)
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds; returns the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        return self.process.returncode
+Server = ServiceProcess
+"""A running ``python -m service`` (:class:`service.launcher.ServiceProcess`)."""
 
 
 def base_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The test process's environment without any ``BRATS_*`` variable: ONNX Runtime on the CPU (the same
     numbers on every host; tests of the other backends set ``BRATS_BACKEND`` themselves), one thread per model."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRATS_")}
-    env.update(
-        {
-            "BRATS_BACKEND": "onnxruntime",
-            "BRATS_PROVIDERS": "CPUExecutionProvider",
-            "BRATS_THREADS": "1",
-            "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")])),
-        }
-    )
-    env.update(extra or {})
-    return env
+    return clean_env({
+        "BRATS_BACKEND": "onnxruntime",
+        "BRATS_PROVIDERS": "CPUExecutionProvider",
+        "BRATS_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        **(extra or {}),
+    })
 
 
 def start_server(
@@ -175,12 +120,12 @@ def start_server(
     args: list[str] | None = None,
     timeout: float = 60.0,
 ) -> Server:
-    """Start ``python -m service --host 127.0.0.1 --port <free>``; wait until ``/healthz`` answers and the
-    models are loaded (or failed to load: ``/readyz`` no longer says they are loading).
+    """Start the service (:func:`service.launcher.start_service`) and wait until the models are loaded or
+    failed to load (``/readyz`` no longer says they are loading).
 
     Args:
         models_dir: ``BRATS_MODELS_DIR``.
-        log_dir: where ``server-<port>.log`` goes.
+        log_dir: where ``server-N.log`` goes.
         settings: more settings, by field name (``{"api_keys": ["k1"], "max_queue": 0}``).
         env: more raw environment variables.
         args: more command line arguments.
@@ -188,27 +133,6 @@ def start_server(
     Raises:
         RuntimeError: with the log, if the process exits or does not answer within ``timeout`` seconds.
     """
-    port = free_port()
     full_env = base_env({"BRATS_MODELS_DIR": str(models_dir), **settings_env(settings or {}), **(env or {})})
-    log_path = Path(log_dir) / f"server-{port}.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *(args or [])],
-        env=full_env, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-    )
-    log.close()
-    server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, env=full_env)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the service exited with status {process.returncode}:\n{server.logs()}")
-        try:
-            if httpx.get(server.url + "/healthz", timeout=1.0).status_code == 200:
-                ready = httpx.get(server.url + "/readyz", timeout=1.0)
-                if ready.status_code == 200 or "still loading" not in ready.text:
-                    return server  # loaded, or given up with a reason that tests may check
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    server.stop()
-    raise RuntimeError(f"the service did not finish starting within {timeout} s:\n{server.logs()}")
+    log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=log_dir)[1])
+    return start_service(log_path, env=full_env, args=args or [], wait_for="loaded", timeout_s=timeout)
