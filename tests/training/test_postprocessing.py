@@ -86,7 +86,7 @@ class TestComponentRules:
         predictions = []
         for truth in truths:
             prediction = truth.copy()
-            box(prediction, 2, (0, 6), (0, 6), (27, 32))  # 180 voxels, 1.44 ml: above every candidate size
+            box(prediction, 2, (0, 8), (0, 8), (27, 32))  # 320 voxels, 2.56 ml: above every candidate size
             predictions.append(prediction)
         learned = learn(predictions, truths)
         assert learned.rules.WT == RegionRule("largest_component")
@@ -124,17 +124,19 @@ class TestComponentRules:
 
 class TestEtToNcr:
     def lgg(self) -> tuple[np.ndarray, np.ndarray]:
-        """A truth without ET and a prediction with a 6x6x5 ET box (1.44 ml, above every component size)."""
+        """A truth without ET and a prediction with a 6x6x5 ET box (1.44 ml)."""
         truth = tumour(et=False)
         prediction = truth.copy()
         box(prediction, 4, (13, 19), (13, 19), (13, 18))
         return prediction, truth
 
     def hgg(self) -> tuple[np.ndarray, np.ndarray]:
-        """ET of two components (4.1 ml and 0.512 ml), predicted exactly: keeping the largest would hurt."""
-        truth = tumour()
-        box(truth, 1, (0, 6), (0, 6), (0, 6))
-        box(truth, 4, (1, 5), (1, 5), (1, 5))  # 64 voxels, 0.512 ml; 4.6 ml of ET in all
+        """ET of three separate 1.6 ml components (4.8 ml in all), predicted exactly: removing components
+        below any size that would remove the LGG case's false ET (1.44 ml) removes all of it, and keeping
+        only the largest removes two thirds."""
+        truth = tumour(et=False)
+        for x, y in (((10, 15), (10, 15)), ((17, 22), (10, 15)), ((10, 15), (17, 22))):
+            box(truth, 4, x, y, (10, 18))  # 5 x 5 x 8 = 200 voxels of 8 mm^3
         return truth.copy(), truth
 
     def test_little_et_in_cases_without_any_becomes_ncr(self):
