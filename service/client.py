@@ -1,4 +1,5 @@
-"""Client of the segmentation service: a small Python API and the CLI ``python -m service.client``.
+"""Client of the segmentation service: a small Python API (the CLI ``python -m service.client`` is
+:mod:`service.client_cli`).
 
 Python::
 
@@ -10,16 +11,7 @@ Python::
         result.save("case_pred.nii.gz")
         print(result.summary["volumes_ml"])
 
-CLI::
-
-    python -m service.client data/BraTS20_Training_001            # a BraTS case folder
-    python -m service.client case_4d.nii.gz --model unet --tta     # a 4D (X, Y, Z, 4) volume
-    python -m service.client data/BraTS20_Training_001 --score     # also send CASE_seg: Dice and HD95
-
-The mask goes next to the input (``CASE_pred.nii.gz`` inside a case folder, ``NAME_pred.nii.gz`` beside a 4D
-file) or to ``--out``. Exit status: 0 done, 1 the service refused or failed (its problem ``detail`` is
-printed), 2 bad command-line input. The API key comes from ``--api-key`` or the ``BRATS_API_KEY``
-environment variable.
+The command line (``python -m service.client CASE_FOLDER|FILE_4D [--score] ...``) is :mod:`service.client_cli`.
 
 Uploads are streamed from disk (never read whole into memory) as a multipart body whose parts carry
 neutral file names (``flair.nii.gz``, ...), never the names of the files on disk. This module needs only
@@ -28,7 +20,6 @@ httpx and tqdm: no torch, no training code.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -37,14 +28,14 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
 
 from service.core.files import atomic_write
 from service.core.labels import MODALITIES
 
-__all__ = ["SegmentationClient", "SegmentResult", "ServiceError", "find_case_files", "format_summary", "main"]
+__all__ = ["SegmentationClient", "SegmentResult", "ServiceError"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 600.0
@@ -52,7 +43,6 @@ DEFAULT_TIMEOUT_S = 600.0
 PROGRESS_MIN_BYTES = 8 << 20
 """Uploads at least this large show a progress bar (when stderr is a terminal)."""
 _CHUNK = 1 << 20
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
 class ServiceError(Exception):
@@ -342,205 +332,7 @@ class SegmentationClient:
 # ------------------------------------------------------------------------------------------------- input
 
 
-class InputError(ValueError):
-    """Bad command-line input (exit status 2)."""
+if __name__ == "__main__":  # python -m service.client: the command line
+    from service.client_cli import run
 
-
-def _nifti_stem(path: Path) -> str | None:
-    """The name without ``.nii``/``.nii.gz``, or ``None`` if the name has neither."""
-    lower = path.name.lower()
-    for suffix in _NIFTI_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
-def _one_nifti(folder: Path, stem: str) -> Path | None:
-    present = [folder / f"{stem}{ext}" for ext in (".nii", ".nii.gz") if (folder / f"{stem}{ext}").is_file()]
-    if len(present) > 1:
-        raise InputError(f"both {present[0].name} and {present[1].name} exist in {folder}; keep one")
-    return present[0] if present else None
-
-
-def _case_prefix(folder: Path) -> str:
-    """The case id of a folder: its name when ``NAME_flair.nii[.gz]`` exists, else the one ``*_flair`` file's."""
-    if _one_nifti(folder, f"{folder.name}_flair") is not None:
-        return folder.name
-    flairs = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _flair_case(p) is not None
-    )
-    cases = sorted({_flair_case(p) for p in flairs})
-    if len(cases) != 1:
-        found = f"found {', '.join(p.name for p in flairs)}" if flairs else "found none"
-        raise InputError(f"expected one CASE_flair.nii[.gz] file in the case folder {folder} ({found})")
-    return cases[0]
-
-
-def _flair_case(path: Path) -> str | None:
-    stem = _nifti_stem(path)
-    return stem[: -len("_flair")] if stem and stem.endswith("_flair") and len(stem) > len("_flair") else None
-
-
-def find_case_files(folder: str | os.PathLike) -> tuple[str, dict[str, Path], Path | None]:
-    """The files of a BraTS case folder: ``(case_id, {modality: path}, seg path or None)``.
-
-    The case id is the folder name (``BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz``), or, for a
-    renamed folder, the prefix of its one ``*_flair.nii[.gz]`` file. Each file may be ``.nii`` or ``.nii.gz``.
-
-    Raises:
-        InputError: a modality is missing, or both ``.nii`` and ``.nii.gz`` exist for one.
-    """
-    folder = Path(folder)
-    case = _case_prefix(folder)
-    files: dict[str, Path] = {}
-    for modality in MODALITIES:
-        path = _one_nifti(folder, f"{case}_{modality}")
-        if path is None:
-            raise InputError(f"the case folder {folder} has no {case}_{modality}.nii[.gz]")
-        files[modality] = path
-    return case, files, _one_nifti(folder, f"{case}_seg")
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit status 2
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m service.client",
-        description="Segment a BraTS case folder or a 4D NIfTI file with a running segmentation service.",
-        epilog="Exit status: 0 done, 1 the service refused or failed, 2 bad command-line input.",
-    )
-    p.add_argument("input", type=Path, help="a BraTS case folder (CASE_{flair,t1,t1ce,t2}.nii[.gz]) or a 4D file")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"service root (default {DEFAULT_URL})")
-    p.add_argument("--model", help="model name from GET /models, or 'ensemble' (default: the service's default)")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (8 flips for 3D models, 4 for 2D: that much slower)")
-    p.add_argument("--no-postprocess", action="store_true",
-                   help="the raw mask, without the postprocessing rules of the model's card")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--label", type=Path, help="ground-truth segmentation to score the mask against")
-    group.add_argument("--score", action="store_true", help="score against the case folder's CASE_seg file")
-    p.add_argument("--out", type=Path, help="where to write the mask (a file, or a folder for the default name)")
-    p.add_argument("--api-key", help="API key (default: the BRATS_API_KEY environment variable)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the answer")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a short text")
-    p.add_argument("--no-progress", action="store_true", help="no upload progress bar")
-    return p
-
-
-@dataclass(frozen=True)
-class _Job:
-    paths: dict[str, Path] | None
-    image: Path | None
-    label: Path | None
-    out: Path
-
-
-def _job(args: argparse.Namespace) -> _Job:
-    """Resolve the command line into files to send and where the mask goes (:class:`InputError` if bad)."""
-    source: Path = args.input
-    if source.is_dir():
-        case, paths, seg = find_case_files(source)
-        image, default_out = None, source / f"{case}_pred.nii.gz"
-        if args.score:
-            if seg is None:
-                raise InputError(f"--score needs {case}_seg.nii[.gz] in {source}; there is none")
-            args.label = seg
-    elif source.is_file():
-        stem = _nifti_stem(source)
-        if stem is None:
-            raise InputError(f"{source} is neither a case folder nor a .nii/.nii.gz file")
-        if args.score:
-            raise InputError("--score needs a case folder; with a 4D file, give the label with --label")
-        paths, image, default_out = None, source, source.with_name(f"{stem}_pred.nii.gz")
-    else:
-        raise InputError(f"{source} does not exist")
-    label: Path | None = args.label
-    if label is not None and not label.is_file():
-        raise InputError(f"the label file {label} does not exist")
-
-    out: Path = default_out
-    if args.out is not None:
-        out = args.out / default_out.name if args.out.is_dir() else args.out
-    if not out.parent.is_dir():
-        raise InputError(f"cannot write {out}: the folder {out.parent} does not exist")
-    inputs = [*(paths or {}).values(), *([image] if image else []), *([label] if label else [])]
-    if any(out.resolve() == p.resolve() for p in inputs):
-        raise InputError(f"the output {out} is one of the inputs; choose another --out")
-    return _Job(paths=paths, image=image, label=label, out=out)
-
-
-def _fmt(value: Any, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def format_summary(summary: Mapping[str, Any], *, tta: bool = False) -> str:
-    """A few lines for a person: model, geometry, volumes, scores when present, timings."""
-    lines = [
-        f"model     {summary.get('model')} ({summary.get('model_sha256')}) on {summary.get('provider')}"
-        + (", TTA" if tta else "")
-    ]
-    shape, spacing = summary.get("shape"), summary.get("spacing_mm")
-    if shape:
-        lines.append(
-            "volume    " + "x".join(str(s) for s in shape)
-            + (" voxels of " + "x".join(f"{s:g}" for s in spacing) + " mm" if spacing else "")
-        )
-    volumes = summary.get("volumes_ml") or {}
-    if volumes:
-        lines.append("ml        " + "  ".join(f"{k} {_fmt(v, 2)}" for k, v in volumes.items()))
-    for key, title, digits in (("dice", "dice", 3), ("hd95_mm", "hd95 mm", 2)):
-        scores = summary.get(key)
-        if scores:
-            lines.append(f"{title:<10}" + "  ".join(f"{k} {_fmt(v, digits)}" for k, v in scores.items()))
-    timing = summary.get("timing_ms") or {}
-    if timing:
-        steps = ", ".join(f"{k} {v:.0f}" for k, v in timing.items() if k != "total" and v is not None)
-        total = timing.get("total")
-        lines.append(f"time ms   {_fmt(total, 0)}" + (f" ({steps})" if steps else ""))
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; return the exit status (0 done, 1 service error, 2 bad input)."""
-    args = _parser().parse_args(argv)
-    try:
-        job = _job(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    api_key = args.api_key or os.environ.get("BRATS_API_KEY") or None
-    progress = False if args.no_progress else None
-    try:
-        with SegmentationClient(args.url, api_key=api_key, timeout=args.timeout, progress=progress) as client:
-            result = client.segment(job.paths, image=job.image, label=job.label, model=args.model, tta=args.tta,
-                                    postprocess=not args.no_postprocess)
-    except ServiceError as err:
-        status = f"{err.status} " if err.status else ""
-        retry = f" (retry after {err.retry_after} s)" if err.retry_after else ""
-        where = f" (request id {err.request_id})" if err.request_id else ""
-        print(f"error: {status}{err.detail}{retry}{where}", file=sys.stderr)
-        return 1
-    try:
-        result.save(job.out)
-    except OSError as err:
-        print(f"error: cannot write {job.out}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({**result.summary, "mask_path": str(job.out)}, indent=2))
-    else:
-        print(format_summary(result.summary, tta=args.tta))
-        print(f"mask      {job.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run()

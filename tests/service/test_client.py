@@ -15,17 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from service import client as client_module
-from service.client import (
-    SegmentationClient,
-    SegmentResult,
-    ServiceError,
-    _MultipartBody,
-    _problem,
-    find_case_files,
-    format_summary,
-    main,
-)
+from service import client_cli
+from service.client import SegmentationClient, SegmentResult, ServiceError, _MultipartBody, _problem
+from service.client_cli import find_case_files, format_summary, main
 from service.core.labels import MODALITIES
 
 from tests.service.support import expected_labels, tumour_scan, write_image4d, write_nifti
@@ -124,13 +116,13 @@ class TestCaseFolder:
     def test_missing_modality(self, tmp_path):
         folder = make_case(tmp_path)
         (folder / f"{folder.name}_t2.nii.gz").unlink()
-        with pytest.raises(client_module.InputError, match=r"no BraTS20_Training_901_t2\.nii\[\.gz\]"):
+        with pytest.raises(client_cli.InputError, match=r"no BraTS20_Training_901_t2\.nii\[\.gz\]"):
             find_case_files(folder)
 
     def test_nii_and_nii_gz_both_present(self, tmp_path):
         folder = make_case(tmp_path)
         (folder / f"{folder.name}_t1.nii").write_bytes(b"")
-        with pytest.raises(client_module.InputError, match="keep one"):
+        with pytest.raises(client_cli.InputError, match="keep one"):
             find_case_files(folder)
 
 

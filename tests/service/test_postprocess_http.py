@@ -94,7 +94,8 @@ def test_an_invalid_value_is_422(service, upload):
 
 
 def test_client_library_and_cli_pass_the_flag(service, tmp_path):
-    from service.client import SegmentationClient, main
+    from service.client import SegmentationClient
+    from service.client_cli import main
     from tests.service.support import write_image4d
 
     image = scan()
