@@ -323,7 +323,8 @@ def section_engine(ctx: Context) -> dict[str, Any]:
 
     from benchmarks.peers import CountingNetwork, TorchPredictor, monai_probabilities, synchronize, torch_network
     from service.inference.backends import cpu_supports_bf16, openvino_available
-    from service.inference.engine import Engine, OnnxModel, sigmoid
+    from service.inference.engine import Engine, sigmoid
+    from service.inference.model import OnnxModel
     from service.inference.tiling import sliding_window
 
     data = ctx.case["data"]
@@ -531,7 +532,8 @@ def _judge_row(ctx: Context, name: str, row: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ 7. scaling
 def section_scaling(ctx: Context) -> dict[str, Any]:
-    from service.inference.engine import Engine, OnnxModel
+    from service.inference.engine import Engine
+    from service.inference.model import OnnxModel
 
     data = ctx.case["data"]
     paths = {p.stem: p for p in model_paths(ctx.models_dir)}

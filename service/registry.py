@@ -22,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 from service.inference.card import RESERVED_NAMES
-from service.inference.engine import Engine, OnnxModel, load_model, model_paths
+from service.inference.engine import Engine
+from service.inference.model import OnnxModel, load_model, model_paths
 from service.observability import Metrics
 from service.settings import Settings
 

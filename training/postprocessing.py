@@ -40,7 +40,8 @@ from service.core.postprocess import (
 )
 from service.core.preprocess import mask_bbox
 from service.inference.card import ModelCard, PostprocessingSpec, card_path, write_card
-from service.inference.engine import Engine, OnnxModel
+from service.inference.engine import Engine
+from service.inference.model import OnnxModel
 from training.data.readers import Case, find_cases, load_case
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def learn_for_model(
         The updated card and what was learned.
 
     Raises:
-        ValueError: see :func:`validation_cases`, :class:`~service.inference.engine.OnnxModel`, and
+        ValueError: see :func:`validation_cases`, :class:`~service.inference.model.OnnxModel`, and
             :func:`~training.data.readers.load_case`.
     """
     cases = validation_cases(data, split)

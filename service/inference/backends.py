@@ -14,7 +14,7 @@ an x86 CPU when the package is installed, else ONNX Runtime on the CPU. Precisio
 
 Each backend exposes the same small surface: ``__call__(batch) -> logits``, what it really runs on
 (``backend``, ``device``, ``precision``, ``provider``), the model's ONNX metadata and its input and output
-signatures, so that :class:`~service.inference.engine.OnnxModel` checks every model the same way.
+signatures, so that :class:`~service.inference.model.OnnxModel` checks every model the same way.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Port:
 
 
 class Backend(Protocol):
-    """What :class:`~service.inference.engine.OnnxModel` needs of a backend."""
+    """What :class:`~service.inference.model.OnnxModel` needs of a backend."""
 
     backend: str
     device: str

@@ -18,7 +18,8 @@ from service.inference.backends import (
     open_backend,
     openvino_available,
 )
-from service.inference.engine import Engine, OnnxModel
+from service.inference.engine import Engine
+from service.inference.model import OnnxModel
 from tests.tiny_models import build_model, expected_labels, pointwise_weights, random_weights, scan
 
 needs_openvino = pytest.mark.skipif(not openvino_available(), reason="the openvino package is not installed")
@@ -160,7 +161,7 @@ def test_one_default_for_the_cudnn_search_everywhere():
     import inspect
 
     from service.inference import backends
-    from service.inference.engine import OnnxModel
+    from service.inference.model import OnnxModel
     from service.settings import Settings
 
     defaults = {

@@ -17,18 +17,9 @@ from scipy import ndimage, special
 from service.core.labels import regions_to_labels
 from service.core.preprocess import preprocess, uncrop
 from service.inference.card import ModelCard, card_path, file_sha256, write_card
-from service.inference.engine import (
-    DEFAULT_PROVIDERS,
-    FLIPS,
-    FLIPS_2D,
-    Engine,
-    InferenceCancelled,
-    OnnxModel,
-    Segmentation,
-    load_models,
-    provider_list,
-    sigmoid,
-)
+from service.inference.backends import DEFAULT_PROVIDERS, provider_list
+from service.inference.engine import FLIPS, FLIPS_2D, Engine, InferenceCancelled, Segmentation, sigmoid
+from service.inference.model import OnnxModel, load_models
 from tests.tiny_models import (
     BRAIN,
     FLAIR,
@@ -208,7 +199,7 @@ class TestOnnxModel:
 
     def test_model_without_metadata_is_loaded_with_a_warning(self, tmp_path, caplog):
         path = build_model(tmp_path, "bare", *pointwise_weights(), patch_size=(8, 8, 8), metadata=False)
-        with caplog.at_level(logging.WARNING, logger="service.inference.engine"):
+        with caplog.at_level(logging.WARNING, logger="service.inference.model"):
             model = open_model(path)
         assert model.name == "bare"
         assert "no model card in the ONNX metadata" in caplog.text

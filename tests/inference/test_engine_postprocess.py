@@ -14,7 +14,8 @@ import pytest
 from service.core.postprocess import PostprocessingRules, RegionRule, apply_postprocessing
 from service.core.labels import MODALITIES
 from service.inference.card import OutputSpec, PostprocessingSpec, card_path, read_card
-from service.inference.engine import Engine, OnnxModel
+from service.inference.engine import Engine
+from service.inference.model import OnnxModel
 from tests.tiny_models import FLAIR, build_model, expected_labels, pointwise_weights, scan
 
 BLOB = (9, 8, 7)  # inside the brain box, two voxels from the WT box: its own component

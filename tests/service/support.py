@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 
 from service.core.labels import MODALITIES
-from service.launcher import ServiceProcess, clean_env, free_port, settings_env, start_service  # noqa: F401
+from service.launcher import ServiceProcess, clean_env, settings_env, start_service
 from tests import tiny_models
 from tests.tiny_models import expected_labels, pointwise_weights  # noqa: F401  (expected_labels: re-exported)
 from tests.tiny_models import scan as tumour_scan  # noqa: F401  (re-exported for the service tests)

@@ -16,7 +16,8 @@ import pytest
 
 from service.core.labels import MODALITIES
 from service.core.nifti import load_volume
-from service.inference.engine import Engine, OnnxModel
+from service.inference.engine import Engine
+from service.inference.model import OnnxModel
 from tests.service.support import write_case
 from tests.tiny_models import FLAIR, T1CE, T2, build_model
 from tests.tiny_models import scan as tumour_scan

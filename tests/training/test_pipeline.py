@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from service.inference.card import file_sha256, read_card
-from service.inference.engine import OnnxModel
+from service.inference.model import OnnxModel
 from training.cli import main
 from training.train import TrainConfig, load_checkpoint, train
 

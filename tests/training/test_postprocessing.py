@@ -19,7 +19,7 @@ from service.core.labels import REGIONS
 from service.core.metrics import dice
 from service.core.postprocess import PostprocessingRules, RegionRule, apply_postprocessing
 from service.inference.card import card_path, file_sha256, read_card
-from service.inference.engine import OnnxModel
+from service.inference.model import OnnxModel
 from tests.tiny_models import build_model, pointwise_weights
 from training.cli import main
 from training.postprocessing import crop_to_tumour, learn_postprocessing, validation_cases

@@ -78,9 +78,6 @@ class SyntheticCase:
 FINDING_NAMES: tuple[str, ...] = tuple(FINDING_INTENSITIES)
 
 
-def _ordered(values: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    return np.clip(values, low if low is not None else -np.inf, high if high is not None else np.inf)
-
 
 def _case_intensities(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """This case's relative intensities: :data:`INTENSITIES` jittered (white matter stays 1), the tissue order
