@@ -110,7 +110,8 @@ class Parts:
 
     @classmethod
     def write(cls, image: np.ndarray, affine: np.ndarray, folder: Path, *, dtype=np.int16) -> Parts:
-        from service.core.nifti import Geometry, save_image
+        from service.core.geometry import Geometry
+        from service.core.nifti_write import save_image
 
         folder.mkdir(parents=True, exist_ok=True)
         geometry = Geometry.from_affine(image.shape[1:], affine)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from service.core.labels import REGION_NAMES
 from service.core.lesions import lesionwise_metrics
-from service.core.metrics import BRATS_HD95_SUBSTITUTE_MM, region_metrics, volumes_ml
+from service.core.scoring import BRATS_HD95_SUBSTITUTE_MM, region_metrics, volumes_ml
 from service.inference.engine import Engine
 from service.inference.model import OnnxModel
 from training.data.manifest import read_case_kinds

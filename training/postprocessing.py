@@ -9,7 +9,7 @@ applied to every case, and the one with the highest mean Dice of that region is 
 nothing by more than ``margin`` and lowers no other region's mean Dice (a WT rule also removes TC and ET).
 The ET -> NCR volume threshold of nnU-Net's BraTS 2020 entry is then chosen from
 :data:`ET_TO_NCR_GRID_ML` the same way on the mean ET Dice. Dice is
-:func:`service.core.metrics.dice` (1.0 when both masks are empty), and the rules are applied with
+:func:`service.core.scoring.dice` (1.0 when both masks are empty), and the rules are applied with
 :func:`service.core.postprocess.apply_postprocessing`, the function the engine applies them with.
 
 :func:`learn_for_model` is ``python -m training learn-postprocessing``: it segments the validation cases
@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.core.labels import REGION_NAMES, REGIONS, check_labels
-from service.core.metrics import dice
+from service.core.scoring import dice
 from service.core.postprocess import (
     PostprocessingRules,
     RegionRule,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from service.core.labels import MODALITIES, REGION_NAMES, labels_to_regions, regions_to_labels
-from service.core.metrics import dice
+from service.core.scoring import dice
 from service.inference.card import OutputSpec
 from service.inference.engine import Engine
 from training.data.augment import Augmenter

@@ -20,7 +20,7 @@ The definition follows the challenge's metrics script (``get_LesionWiseScores`` 
    nothing to count (both masks empty, or only small ground-truth lesions and no false positive) it is
    Dice 1 and HD95 0.
 
-Where this differs from the script: HD95 is the project's one HD95 (:func:`service.core.metrics.hd95`,
+Where this differs from the script: HD95 is the project's one HD95 (:func:`service.core.scoring.hd95`,
 MONAI's definition) rather than DeepMind's ``surface_distance``; the size threshold is in voxels and keeps a
 lesion of exactly 50 voxels (the specification's "under 50 voxels"), where the script drops lesions of at
 most 50 mm³ (the same count of voxels on BraTS's 1 mm grid). The dilation and the threshold are in voxels;
@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from service.core.labels import REGIONS
-from service.core.metrics import _pair, _spacing, dice, hd95
+from service.core.scoring import _pair, _spacing, dice, hd95
 from service.core.preprocess import mask_bbox
 
 __all__ = [

@@ -1,13 +1,9 @@
-"""NIfTI input and output that keeps a case's geometry and nothing else.
+"""NIfTI input: a volume's voxels and its geometry, checked before anything large is read.
 
 Inputs are single-file NIfTI-1 or NIfTI-2 (``.nii`` or gzip-compressed ``.nii.gz``; gzip is recognised
 from its magic bytes ``1f 8b``, whatever the file is called). Everything a user can get wrong raises
 :class:`NiftiError`, whose ``reason`` says what to fix without the file name (the service must not echo
-upload names) and whose ``str`` names the file as well.
-
-Outputs carry only geometry: shape, affine, qform and sform with their codes, and voxel sizes. Free-text
-fields (``descrip``, ``aux_file``, ``intent_name``, ``db_name``) stay empty and no header extension is
-written, since an input's free text can hold patient data.
+upload names) and whose ``str`` names the file as well. Output is :mod:`service.core.nifti_write`.
 """
 
 from __future__ import annotations
@@ -18,7 +14,6 @@ import math
 import os
 import stat
 import sys
-from dataclasses import dataclass
 from typing import Union
 
 import nibabel as nib
@@ -26,28 +21,15 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from service.core.files import atomic_write
+from service.core.geometry import Geometry
 from service.core.labels import VALID_LABELS, LabelError, check_labels
 
-try:  # zlib-ng: the zlib API and format, about 1.7x faster inflating and 6x faster deflating than zlib
-    from zlib_ng import gzip_ng as gzip
+try:  # zlib-ng: the zlib API and format, about 1.7x faster inflating than zlib
     from zlib_ng import zlib_ng as zlib
 except ImportError:  # pragma: no cover - a platform without zlib-ng wheels
-    import gzip
     import zlib
 
-__all__ = [
-    "NiftiError",
-    "VolumeTooLargeError",
-    "Geometry",
-    "read_header",
-    "load_volume",
-    "load_label",
-    "mask_image",
-    "mask_to_bytes",
-    "save_mask",
-    "save_image",
-]
+__all__ = ["NiftiError", "VolumeTooLargeError", "read_header", "load_volume", "load_label"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 NiftiHeader = Union[nib.Nifti1Header, nib.Nifti2Header]
@@ -61,8 +43,6 @@ _NIFTI1_SIZE = 348
 _NIFTI2_SIZE = 540
 _CHUNK = 16 << 20  # compressed bytes read at a time: a whole BraTS .nii.gz (2-4 MB) inflates in one call, one buffer
 _TRAILING_SLACK = 1 << 20  # bytes a file may hold past its declared voxel data
-_NIFTI1_MAX_DIM = 32767
-_FREE_TEXT_FIELDS = ("descrip", "aux_file", "intent_name", "db_name")
 
 
 class NiftiError(ValueError):
@@ -81,98 +61,6 @@ class NiftiError(ValueError):
 
 class VolumeTooLargeError(NiftiError):
     """A volume's header declares more voxels than allowed (how a gzip bomb is refused before inflating)."""
-
-
-AFFINE_ATOL = 1e-3
-"""Largest difference per affine element between volumes of one scan that still counts as one voxel grid."""
-
-
-@dataclass(frozen=True, eq=False)
-class Geometry:
-    """Where a volume's voxels lie: everything of the header that an output must keep.
-
-    Attributes:
-        shape: Spatial shape ``(X, Y, Z)``.
-        affine: ``(4, 4)`` float64 voxel-to-world matrix (nibabel's best affine: sform, else qform).
-        zooms: Voxel sizes in mm ``(dx, dy, dz)``.
-        qform: ``(4, 4)`` float64 qform matrix, with its code ``qform_code``.
-        sform: ``(4, 4)`` float64 sform matrix, with its code ``sform_code``.
-    """
-
-    shape: tuple[int, int, int]
-    affine: np.ndarray
-    zooms: tuple[float, float, float]
-    qform: np.ndarray
-    qform_code: int
-    sform: np.ndarray
-    sform_code: int
-
-    def __post_init__(self) -> None:
-        shape = tuple(int(s) for s in self.shape)
-        zooms = tuple(float(z) for z in self.zooms)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"expected a spatial shape of 3 positive sizes, got {self.shape}")
-        if len(zooms) != 3:
-            raise ValueError(f"expected 3 voxel sizes, got {self.zooms}")
-        object.__setattr__(self, "shape", shape)
-        object.__setattr__(self, "zooms", zooms)
-        for name in ("affine", "qform", "sform"):
-            matrix = np.array(getattr(self, name), dtype=np.float64)
-            if matrix.shape != (4, 4):
-                raise ValueError(f"expected a 4x4 {name}, got shape {matrix.shape}")
-            matrix.setflags(write=False)
-            object.__setattr__(self, name, matrix)
-        object.__setattr__(self, "qform_code", int(self.qform_code))
-        object.__setattr__(self, "sform_code", int(self.sform_code))
-
-    @classmethod
-    def from_header(cls, header: NiftiHeader) -> Geometry:
-        """Geometry of the first three axes described by a NIfTI-1 or NIfTI-2 header."""
-        shape = tuple(header.get_data_shape())
-        if len(shape) < 3:
-            raise ValueError(f"expected a header of at least 3 dimensions, got shape {shape}")
-        qform, qform_code = header.get_qform(coded=True)
-        sform, sform_code = header.get_sform(coded=True)
-        return cls(
-            shape=shape[:3],
-            affine=header.get_best_affine(),
-            zooms=header.get_zooms()[:3],
-            qform=header.get_qform(),
-            qform_code=int(qform_code),
-            sform=header.get_sform(),
-            sform_code=int(sform_code),
-        )
-
-    @classmethod
-    def from_affine(
-        cls, shape: tuple[int, int, int], affine: np.ndarray, *, qform_code: int = 1, sform_code: int = 1
-    ) -> Geometry:
-        """A geometry whose qform and sform are both ``affine`` (voxel sizes from its column norms).
-
-        Handy for synthetic data; ``affine`` should be a rotation times positive scales plus a translation.
-        """
-        affine = np.asarray(affine, dtype=np.float64)
-        zooms = tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0)))
-        return cls(shape, affine, zooms, affine, qform_code, affine, sform_code)
-
-    def allclose(self, other: Geometry, atol: float = AFFINE_ATOL) -> bool:
-        """Whether ``other`` has the same shape and an affine equal element-wise within ``atol``."""
-        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, rtol=0.0, atol=atol))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Geometry):
-            return NotImplemented
-        return (
-            self.shape == other.shape
-            and self.zooms == other.zooms
-            and (self.qform_code, self.sform_code) == (other.qform_code, other.sform_code)
-            and all(np.array_equal(getattr(self, n), getattr(other, n)) for n in ("affine", "qform", "sform"))
-        )
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-# --------------------------------------------------------------------------------------------- reading
 
 
 def _is_gzip(fileobj: io.BufferedIOBase) -> bool:
@@ -275,17 +163,6 @@ def _parse_header(raw: bytes, path: PathLike) -> NiftiHeader:
         return klass(raw[:size], endianness=endianness, check=False)
     except (HeaderDataError, ValueError) as err:
         raise NiftiError(f"the {version} header cannot be read ({err})", path=path) from err
-
-
-def grid_mismatch(geometry: Geometry, reference: Geometry, *, atol: float = AFFINE_ATOL) -> str | None:
-    """How ``geometry`` fails to lie on ``reference``'s voxel grid (a phrase for an error message), or ``None``
-    when it has the same shape and an affine equal within ``atol`` per element."""
-    if geometry.shape != reference.shape:
-        return f"shape {geometry.shape} differs from {reference.shape}"
-    if not geometry.allclose(reference, atol=atol):
-        worst = float(np.max(np.abs(geometry.affine - reference.affine)))
-        return f"affine differs by up to {worst:.3g} (allowed {atol:g} per element)"
-    return None
 
 
 def read_header(path: PathLike) -> NiftiHeader:
@@ -570,93 +447,3 @@ def load_label(
     except LabelError as err:
         raise NiftiError(str(err), path=path) from err
     return data.astype(np.uint8), _geometry(header, path)
-
-
-# --------------------------------------------------------------------------------------------- writing
-
-
-def _fresh_header(geometry: Geometry, shape: tuple[int, ...], dtype: np.dtype) -> nib.Nifti1Header:
-    """A new header holding only the geometry (and shape/type): no free text, no extensions."""
-    big = max(shape) > _NIFTI1_MAX_DIM
-    header = nib.Nifti2Header() if big else nib.Nifti1Header()
-    header.set_data_shape(shape)
-    header.set_data_dtype(dtype)
-    header.set_qform(geometry.qform, code=geometry.qform_code)
-    header.set_sform(geometry.sform, code=geometry.sform_code)
-    header.set_zooms(tuple(geometry.zooms) + (1.0,) * (len(shape) - 3))
-    header.set_xyzt_units(xyz="mm")
-    for field in _FREE_TEXT_FIELDS:
-        if field in header.keys():
-            header[field] = b""
-    return header
-
-
-def _image(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
-    header = _fresh_header(geometry, data.shape, data.dtype)
-    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    return klass(data, header.get_best_affine(), header=header)
-
-
-def _check_spatial(shape: tuple[int, ...], geometry: Geometry, what: str) -> None:
-    if tuple(shape) != geometry.shape:
-        raise ValueError(f"{what} has spatial shape {tuple(shape)} but the geometry is {geometry.shape}")
-
-
-def mask_image(mask: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
-    """A uint8 NIfTI image of ``mask`` ``(X, Y, Z)`` on ``geometry`` with a fresh, geometry-only header.
-
-    Raises:
-        ValueError: shape differs from the geometry, or values are not whole numbers in 0..255.
-    """
-    mask = np.asarray(mask)
-    _check_spatial(mask.shape, geometry, "mask")
-    if mask.dtype != np.uint8:
-        if mask.dtype.kind not in "biuf":
-            raise ValueError(f"expected a numeric or boolean mask, got dtype {mask.dtype}")
-        if mask.dtype.kind == "f" and not np.array_equal(mask, np.round(mask)):
-            raise ValueError("expected mask values that are whole numbers in 0..255, got fractional values")
-        if mask.dtype.kind != "b" and mask.size and (mask.min() < 0 or mask.max() > 255):
-            raise ValueError(f"expected mask values in 0..255, got {mask.min()}..{mask.max()}")
-        mask = mask.astype(np.uint8)
-    return _image(np.array(mask, dtype=np.uint8), geometry)
-
-
-def mask_to_bytes(mask: np.ndarray, geometry: Geometry, *, compresslevel: int = 3) -> bytes:
-    """The mask as ``.nii.gz`` bytes (see :func:`mask_image`); the gzip header holds no name or time."""
-    return gzip.compress(mask_image(mask, geometry).to_bytes(), compresslevel=compresslevel, mtime=0)
-
-
-def _encode(img: nib.Nifti1Image, path: PathLike, compresslevel: int) -> bytes:
-    payload = img.to_bytes()
-    if os.fspath(path).endswith(".gz"):
-        payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)
-    return payload
-
-
-def save_mask(mask: np.ndarray, geometry: Geometry, path: PathLike, *, compresslevel: int = 3) -> None:
-    """Write the mask (see :func:`mask_image`) atomically; gzip-compressed when ``path`` ends in ``.gz``."""
-    atomic_write(path, _encode(mask_image(mask, geometry), path, compresslevel))
-
-
-def save_image(
-    image: np.ndarray,
-    geometry: Geometry,
-    path: PathLike,
-    *,
-    dtype: np.dtype | type = np.float32,
-    compresslevel: int = 3,
-) -> None:
-    """Write a volume ``(X, Y, Z)`` or channel-first ``(C, X, Y, Z)`` (stored as ``(X, Y, Z, C)``) atomically.
-
-    Same header rules as :func:`mask_image`; voxels are stored as ``dtype`` (float32 by default).
-    """
-    image = np.asarray(image)
-    if image.ndim == 4:
-        _check_spatial(image.shape[1:], geometry, "image")
-        image = np.moveaxis(image, 0, -1)
-    elif image.ndim == 3:
-        _check_spatial(image.shape, geometry, "image")
-    else:
-        raise ValueError(f"expected an image (X, Y, Z) or (C, X, Y, Z), got shape {image.shape}")
-    data = np.array(image, dtype=dtype)
-    atomic_write(path, _encode(_image(data, geometry), path, compresslevel))

@@ -21,7 +21,7 @@ from service.core.lesions import (
     lesion_scores,
     lesionwise_metrics,
 )
-from service.core.metrics import hd95
+from service.core.scoring import hd95
 
 ISO = (1.0, 1.0, 1.0)
 PENALTY = LESION_HD95_PENALTY_MM

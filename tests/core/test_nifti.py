@@ -11,19 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from service.core.nifti import (
-    Geometry,
-    NiftiError,
-    VolumeTooLargeError,
-    grid_mismatch,
-    load_label,
-    load_volume,
-    mask_image,
-    mask_to_bytes,
-    read_header,
-    save_image,
-    save_mask,
-)
+from service.core.geometry import Geometry, grid_mismatch
+from service.core.nifti import NiftiError, VolumeTooLargeError, load_label, load_volume, read_header
+from service.core.nifti_write import mask_image, mask_to_bytes, save_image, save_mask
 
 SHAPE = (6, 5, 4)
 PLANTED = {"descrip": b"PATIENT John Doe", "aux_file": b"dob-1970", "intent_name": b"mrn123", "db_name": b"ward7"}

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from service.core.labels import MODALITIES
-from service.core.metrics import region_metrics, volumes_ml
+from service.core.scoring import region_metrics, volumes_ml
 
 SHAPE = (40, 44, 36)
 AFFINE = np.array(

@@ -26,7 +26,8 @@ from typing import Literal
 import numpy as np
 
 from service.core.labels import MODALITIES, MSD_TO_BRATS, msd_to_brats
-from service.core.nifti import Geometry, NiftiError, grid_mismatch, load_label, load_volume
+from service.core.geometry import Geometry, grid_mismatch
+from service.core.nifti import NiftiError, load_label, load_volume
 
 logger = logging.getLogger(__name__)
 

@@ -35,18 +35,11 @@ from service.api.uploads import (
     received_upload,
 )
 from service.core.labels import MODALITIES
-from service.core.metrics import region_metrics, volumes_ml
+from service.core.scoring import region_metrics, volumes_ml
 from service.core.workers import thread_pool
-from service.core.nifti import (
-    Geometry,
-    NiftiError,
-    VolumeTooLargeError,
-    grid_mismatch,
-    load_label,
-    load_volume,
-    mask_to_bytes,
-    read_header,
-)
+from service.core.geometry import Geometry, grid_mismatch
+from service.core.nifti import NiftiError, VolumeTooLargeError, load_label, load_volume, read_header
+from service.core.nifti_write import mask_to_bytes
 from service.inference.engine import Engine, InferenceCancelled
 from service.registry import ModelRegistry, QueueFullError
 

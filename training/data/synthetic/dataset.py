@@ -23,8 +23,9 @@ import numpy as np
 
 from service.core.files import atomic_write
 from service.core.labels import MODALITIES, brats_to_msd
-from service.core.metrics import volumes_ml
-from service.core.nifti import Geometry, save_image, save_mask
+from service.core.scoring import volumes_ml
+from service.core.geometry import Geometry
+from service.core.nifti_write import save_image, save_mask
 from training.data.provenance import mark_synthetic
 from training.data.synthetic.anatomy import case_seed, check_grid
 from training.data.synthetic.cases import synthesize

@@ -1,4 +1,4 @@
-"""Tests for service.core.metrics: hand-computed cases, SPEC empty-mask rules, and MONAI as reference.
+"""Tests for service.core.scoring: hand-computed cases, SPEC empty-mask rules, and MONAI as reference.
 
 The hand-computed tests always run; only :class:`TestAgainstMonai` needs torch and MONAI (skipped without).
 """
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from service.core.metrics import BRATS_HD95_SUBSTITUTE_MM, dice, hd95, region_metrics, volumes_ml
+from service.core.scoring import BRATS_HD95_SUBSTITUTE_MM, dice, hd95, region_metrics, volumes_ml
 
 SPACINGS = [(1.0, 1.0, 1.0), (1.0, 1.0, 3.0), (0.8, 1.3, 2.5)]
 
