@@ -15,8 +15,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.flops import count_flops, count_flops_onnx
+from benchmarks.harness import FP32_FRACTION_ABOVE, FP32_MAX_ABS
 from benchmarks.peers import onnx_weights, torch_network
-from benchmarks.suite import FP32_FRACTION_ABOVE, FP32_MAX_ABS, SECTION_TITLES, SECTIONS, parse_args
+from benchmarks.suite import SECTION_TITLES, SECTIONS, parse_args
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS = PROJECT_ROOT / "models"
