@@ -107,6 +107,7 @@ def section_flops(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ 7. scaling
 def section_scaling(ctx: Context) -> dict[str, Any]:
     from service.inference.engine import Engine
+    from service.inference.backends import BackendOptions
     from service.inference.model import OnnxModel
 
     data = ctx.case["data"]
@@ -117,7 +118,7 @@ def section_scaling(ctx: Context) -> dict[str, Any]:
     patch = tuple(int(p) for p in card["patch_size"])
     threshold = float(card.get("output", {}).get("threshold", 0.5))
     flops = ctx.results["sections"].get("flops", {}).get("models", {}).get(name, {}).get("flops_per_window")
-    models = {b: OnnxModel(path, batch_size=b) for b in SCALING_BATCHES}  # the default backend and precision
+    models = {b: OnnxModel(path, BackendOptions(batch_size=b)) for b in SCALING_BATCHES}  # the default backend and precision
     default = models[1]
     sizes = QUICK_SCALING_SIZES if ctx.quick else SCALING_SIZES
 
@@ -188,7 +189,8 @@ def _export_wide(ctx: Context) -> Path:
 def section_width(ctx: Context) -> dict[str, Any]:
     """Time per window of the shipped resunet and of a wide ResU-Net, on each CPU backend and precision, as a
     share of the dense peak of section 1: how much of the gap to the peak comes from the network's width."""
-    from service.inference.backends import OnnxRuntimeBackend, OpenVinoBackend, cpu_supports_bf16, openvino_available
+    from service.inference.backends import OnnxRuntimeBackend
+    from service.inference.openvino_backend import OpenVinoBackend, cpu_supports_bf16, openvino_available
     from benchmarks.flops import network_flops
 
     peaks = ctx.results["sections"].get("peak", {}).get("peak_gflops", {})

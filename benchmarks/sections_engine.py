@@ -57,7 +57,8 @@ def section_engine(ctx: Context) -> dict[str, Any]:
     import torch
 
     from benchmarks.peers import CountingNetwork, TorchPredictor, monai_probabilities, synchronize, torch_network
-    from service.inference.backends import cpu_supports_bf16, openvino_available
+    from service.inference.backends import BackendOptions
+    from service.inference.openvino_backend import cpu_supports_bf16, openvino_available
     from service.inference.engine import Engine, sigmoid
     from service.inference.model import OnnxModel
     from service.inference.tiling import sliding_window
@@ -109,13 +110,13 @@ def section_engine(ctx: Context) -> dict[str, Any]:
                  "provider": model.provider, "windows": ours, "check": check},
                 lambda: engine.probabilities(data), model)
 
-        ort_cpu = OnnxModel(path, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=None)
+        ort_cpu = OnnxModel(path, BackendOptions(backend="onnxruntime", providers=("CPUExecutionProvider",)))
         engine_row("a", ort_cpu, "cpu", "reference")
         if openvino_available():
-            engine_row("b", OnnxModel(path, backend="openvino", precision="fp32", intra_op_threads=None), "cpu",
+            engine_row("b", OnnxModel(path, BackendOptions(backend="openvino", precision="fp32")), "cpu",
                        "fp32")
             if cpu_supports_bf16():
-                engine_row("c", OnnxModel(path, backend="openvino", precision="bf16", intra_op_threads=None), "cpu",
+                engine_row("c", OnnxModel(path, BackendOptions(backend="openvino", precision="bf16")), "cpu",
                            "bf16")
         parity: dict[str, Any] = {}
         recovered: dict[str, str] = {}
@@ -160,7 +161,7 @@ def section_engine(ctx: Context) -> dict[str, Any]:
                  "_monai_windows": monai_windows, "_network": network},
                 monai_run, None)
         if cuda_ort:
-            model = OnnxModel(path, backend="onnxruntime", providers=["CUDAExecutionProvider"], intra_op_threads=None)
+            model = OnnxModel(path, BackendOptions(backend="onnxruntime", providers=("CUDAExecutionProvider",)))
             if model.provider == "CUDAExecutionProvider":
                 engine_row("a-gpu", model, "cuda", "tf32")
             else:

@@ -32,6 +32,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _variable(loc: tuple) -> str:
+    """The environment variable of a settings error's location (a field name, or an alias that is one)."""
+    name = "_".join(map(str, loc)).upper()
+    return name if name.startswith("BRATS_") else f"BRATS_{name}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from service.settings import Settings
@@ -46,9 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        errors = "; ".join(
-            f"BRATS_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors()
-        )
+        errors = "; ".join(f"{_variable(e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"python -m service: invalid configuration: {errors}", file=sys.stderr)
         return 2
 
@@ -56,17 +60,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.main import create_app
     from service.observability import configure_logging
-    from service.registry import ModelRegistry
+    from service.catalogue import ModelCatalogue
 
     configure_logging(settings.log_level)
-    registry = None
+    catalogue = None
     if settings.require_models:  # fail fast, with one line, before the server starts
-        registry = ModelRegistry(settings)
-        registry.load()
-        if not registry.ready:
-            print(f"python -m service: BRATS_REQUIRE_MODELS is set and {registry.reason}", file=sys.stderr)
+        catalogue = ModelCatalogue(settings)
+        catalogue.load()
+        if not catalogue.ready:
+            print(f"python -m service: BRATS_REQUIRE_MODELS is set and {catalogue.reason}", file=sys.stderr)
             return 2
-    app = create_app(settings, registry=registry)
+    app = create_app(settings, catalogue=catalogue)
     logger.info("serving on http://%s:%d (API docs at /docs)", settings.host, settings.port)
     uvicorn.run(
         app,

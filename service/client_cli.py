@@ -19,73 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from service.client import DEFAULT_TIMEOUT_S, DEFAULT_URL, SegmentationClient, ServiceError
-from service.core.labels import MODALITIES
+from service.core.case_folder import CaseFolderError, find_case_files, nifti_stem
 
-__all__ = ["InputError", "find_case_files", "format_summary", "main", "run"]
-
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+__all__ = ["InputError", "format_summary", "main", "run"]
 
 
 class InputError(ValueError):
     """Bad command-line input (exit status 2)."""
-
-
-def _nifti_stem(path: Path) -> str | None:
-    """The name without ``.nii``/``.nii.gz``, or ``None`` if the name has neither."""
-    lower = path.name.lower()
-    for suffix in _NIFTI_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[: -len(suffix)]
-    return None
-
-
-def _one_nifti(folder: Path, stem: str) -> Path | None:
-    present = [folder / f"{stem}{ext}" for ext in (".nii", ".nii.gz") if (folder / f"{stem}{ext}").is_file()]
-    if len(present) > 1:
-        raise InputError(f"both {present[0].name} and {present[1].name} exist in {folder}; keep one")
-    return present[0] if present else None
-
-
-def _case_prefix(folder: Path) -> str:
-    """The case id of a folder: its name when ``NAME_flair.nii[.gz]`` exists, else the one ``*_flair`` file's."""
-    if _one_nifti(folder, f"{folder.name}_flair") is not None:
-        return folder.name
-    flairs = sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and _flair_case(p) is not None
-    )
-    cases = sorted({_flair_case(p) for p in flairs})
-    if len(cases) != 1:
-        found = f"found {', '.join(p.name for p in flairs)}" if flairs else "found none"
-        raise InputError(f"expected one CASE_flair.nii[.gz] file in the case folder {folder} ({found})")
-    return cases[0]
-
-
-def _flair_case(path: Path) -> str | None:
-    stem = _nifti_stem(path)
-    return stem[: -len("_flair")] if stem and stem.endswith("_flair") and len(stem) > len("_flair") else None
-
-
-def find_case_files(folder: str | os.PathLike) -> tuple[str, dict[str, Path], Path | None]:
-    """The files of a BraTS case folder: ``(case_id, {modality: path}, seg path or None)``.
-
-    The case id is the folder name (``BraTS20_Training_001/BraTS20_Training_001_flair.nii.gz``), or, for a
-    renamed folder, the prefix of its one ``*_flair.nii[.gz]`` file. Each file may be ``.nii`` or ``.nii.gz``.
-
-    Raises:
-        InputError: a modality is missing, or both ``.nii`` and ``.nii.gz`` exist for one.
-    """
-    folder = Path(folder)
-    case = _case_prefix(folder)
-    files: dict[str, Path] = {}
-    for modality in MODALITIES:
-        path = _one_nifti(folder, f"{case}_{modality}")
-        if path is None:
-            raise InputError(f"the case folder {folder} has no {case}_{modality}.nii[.gz]")
-        files[modality] = path
-    return case, files, _one_nifti(folder, f"{case}_seg")
-
-
-# --------------------------------------------------------------------------------------------------- CLI
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,14 +68,17 @@ def _job(args: argparse.Namespace) -> _Job:
     """Resolve the command line into files to send and where the mask goes (:class:`InputError` if bad)."""
     source: Path = args.input
     if source.is_dir():
-        case, paths, seg = find_case_files(source)
+        try:
+            case, paths, seg = find_case_files(source)
+        except CaseFolderError as err:
+            raise InputError(str(err)) from None
         image, default_out = None, source / f"{case}_pred.nii.gz"
         if args.score:
             if seg is None:
                 raise InputError(f"--score needs {case}_seg.nii[.gz] in {source}; there is none")
             args.label = seg
     elif source.is_file():
-        stem = _nifti_stem(source)
+        stem = nifti_stem(source)
         if stem is None:
             raise InputError(f"{source} is neither a case folder nor a .nii/.nii.gz file")
         if args.score:

@@ -1,5 +1,5 @@
-"""The FastAPI application: :func:`create_app` wires settings, the model registry, metrics, middleware,
-error handlers and one router per resource.
+"""The FastAPI application: :func:`create_app` wires settings, the model catalogue, the inference queue,
+metrics, middleware, error handlers and one router per resource.
 
 Nothing is built at import time. ``python -m service`` creates the app from the environment; tests create
 apps with their own :class:`~service.settings.Settings`. The lifespan loads the models once, in a worker
@@ -21,9 +21,11 @@ from fastapi import FastAPI
 from service.api.deps import ApiKeyDep, MetadataKeyDep
 from service.api.errors import install_error_handlers
 from service.api.routes import health, metrics, models, segment
-from service.api.uploads import remove_stale_folders
-from service.observability import Metrics, RequestContextMiddleware
-from service.registry import ModelRegistry
+from service.api.request_context import RequestContextMiddleware
+from service.api.upload_folders import remove_stale_folders
+from service.catalogue import ModelCatalogue
+from service.inference.queue import InferenceQueue
+from service.observability import Metrics
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -40,42 +42,43 @@ class ModelsUnavailableError(RuntimeError):
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Remove upload folders left by a killed process, load the models in a worker thread unless already
-    loaded; stop the executor after.
+    loaded; stop the inference queue after.
 
     Without ``BRATS_REQUIRE_MODELS`` the server starts listening at once and loads in the background:
     ``/healthz`` answers while the models load and ``/readyz`` says 503 until they are. With it, loading
     finishes (or fails, and the server does not start) before anything is served.
     """
-    registry: ModelRegistry = app.state.registry
+    catalogue: ModelCatalogue = app.state.catalogue
     settings: Settings = app.state.settings
     remove_stale_folders(settings.tmp_dir)
     loading: asyncio.Task | None = None
-    if not registry.ready:
+    if not catalogue.ready:
         if settings.require_models:
-            await asyncio.to_thread(registry.load)
-            if not registry.ready:
-                raise ModelsUnavailableError(f"BRATS_REQUIRE_MODELS is set and {registry.reason}")
+            await asyncio.to_thread(catalogue.load)
+            if not catalogue.ready:
+                raise ModelsUnavailableError(f"BRATS_REQUIRE_MODELS is set and {catalogue.reason}")
         else:
-            loading = asyncio.create_task(asyncio.to_thread(registry.load))
+            loading = asyncio.create_task(asyncio.to_thread(catalogue.load))
     try:
         yield
     finally:
         if loading is not None:
-            await loading  # a thread cannot be interrupted: let it finish before the executor closes
-        registry.close()
+            await loading  # a thread cannot be interrupted: let it finish before the queue closes
+        app.state.queue.close()
 
 
-def create_app(settings: Settings | None = None, *, registry: ModelRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, catalogue: ModelCatalogue | None = None) -> FastAPI:
     """Build the application.
 
     Args:
         settings: configuration; default :func:`~service.settings.get_settings` (the environment).
-        registry: a registry to serve (already loaded, or loaded by the lifespan); default a new one built
-            from ``settings``, sharing the app's metrics.
+        catalogue: the models to serve (already loaded, or loaded by the lifespan); default a new catalogue
+            built from ``settings``. The app's metrics are the catalogue's.
     """
     settings = settings if settings is not None else get_settings()
-    app_metrics = registry.metrics if registry is not None else Metrics()
-    registry = registry if registry is not None else ModelRegistry(settings, metrics=app_metrics)
+    app_metrics = catalogue.metrics if catalogue is not None else Metrics()
+    catalogue = catalogue if catalogue is not None else ModelCatalogue(settings, metrics=app_metrics)
+    queue = InferenceQueue(settings.max_concurrent, settings.max_queue, metrics=app_metrics)
 
     app = FastAPI(
         title="BraTS brain tumour segmentation",
@@ -84,7 +87,8 @@ def create_app(settings: Settings | None = None, *, registry: ModelRegistry | No
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.registry = registry
+    app.state.catalogue = catalogue
+    app.state.queue = queue
     app.state.metrics = app_metrics
 
     install_error_handlers(app)

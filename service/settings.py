@@ -15,10 +15,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.inference.backends import DEFAULT_CUDNN_CONV_ALGO_SEARCH
+from service.inference.backends import DEFAULT_CUDNN_CONV_ALGO_SEARCH, BackendOptions
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS_DIR = PROJECT_ROOT / "models"
@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     """Configuration of the segmentation service (environment variable ``BRATS_<FIELD NAME>``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="BRATS_", extra="ignore", validate_default=True, use_attribute_docstrings=True
+        env_prefix="BRATS_", extra="ignore", validate_default=True, use_attribute_docstrings=True, populate_by_name=True
     )
 
     models_dir: Path = DEFAULT_MODELS_DIR
@@ -111,8 +111,11 @@ class Settings(BaseSettings):
     tmp_dir: Path | None = None
     """Where uploads are spooled while a request runs (removed when it ends); default the system temp."""
 
-    request_timeout_s: float = Field(default=60.0, gt=0)
-    """Longest wait for the next chunk of a request body, in seconds; a stalled client is cut off (408)."""
+    idle_timeout_s: float = Field(
+        default=60.0, gt=0, validation_alias=AliasChoices("BRATS_IDLE_TIMEOUT_S", "BRATS_REQUEST_TIMEOUT_S")
+    )
+    """Longest wait for the next chunk of a request body, in seconds; a stalled client is cut off (408).
+    ``BRATS_REQUEST_TIMEOUT_S`` is read too, as an older name of this setting."""
 
     upload_timeout_s: float = Field(default=600.0, gt=0)
     """Longest time for a whole request body, in seconds (default 10 min: 1 GiB at about 2 MB/s); a client
@@ -139,6 +142,19 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+
+    def backend_options(self) -> BackendOptions:
+        """How the models run: the backend settings, passed whole to every model."""
+        return BackendOptions(
+            backend=self.backend,
+            precision=self.precision,
+            providers=tuple(self.providers) or None,
+            threads=self.threads,
+            batch_size=self.batch_size,
+            cudnn_conv_algo_search=self.cudnn_conv_algo_search,
+            gpu_mem_limit_bytes=self.gpu_mem_limit_bytes,
+        )
 
 
 @lru_cache(maxsize=1)

@@ -12,6 +12,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.inference.backends import BackendOptions
 
 DEFAULTS_3D = {"patch_size": (128, 128, 128), "channels": (16, 32, 64, 128, 256)}
 
@@ -146,6 +150,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                    help="bf16 needs --backend openvino on a CPU with AMX or AVX512-BF16 (default fp32)")
 
 
+def _backend_options(args: argparse.Namespace) -> BackendOptions:
+    """The backend options of `evaluate` and `learn-postprocessing`, built once from their command line."""
+    from service.inference.backends import BackendOptions
+
+    return BackendOptions(backend=args.backend, precision=args.precision, threads=args.threads,
+                          batch_size=args.batch_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -252,9 +264,8 @@ def _evaluate(args, command: str) -> int:
         raise ValueError("--update-card takes exactly one --model (an ensemble has no card of its own)")
     if args.update_card and (args.backend, args.precision) != ("onnxruntime", "fp32"):
         raise ValueError("--update-card records ONNX Runtime fp32 figures; leave out --backend and --precision")
-    summary = evaluate(args.model, args.data, args.out, tta=args.tta, overlap=args.overlap,
-                       max_cases=args.max_cases, threads=args.threads, batch_size=args.batch_size,
-                       backend=args.backend, precision=args.precision, postprocess=not args.no_postprocess)
+    summary = evaluate(args.model, args.data, args.out, options=_backend_options(args), tta=args.tta,
+                       overlap=args.overlap, max_cases=args.max_cases, postprocess=not args.no_postprocess)
     print(json.dumps({k: summary[k] for k in ("cases", "dice", "hd95_mm", "seconds_per_case", "postprocess")}))
     if args.update_card:
         update_card(args.model[0], validation=card_validation(summary))
@@ -265,9 +276,8 @@ def _evaluate(args, command: str) -> int:
 def _learn_postprocessing(args, command: str) -> int:
     from training.postprocessing import describe, learn_for_model
 
-    _, learned = learn_for_model(args.model, args.data, split=args.split, tta=args.tta, overlap=args.overlap,
-                                    batch_size=args.batch_size, threads=args.threads, backend=args.backend,
-                                    precision=args.precision, command=command)
+    _, learned = learn_for_model(args.model, args.data, split=args.split, options=_backend_options(args),
+                                 tta=args.tta, overlap=args.overlap, command=command)
     before = " ".join(f"{r} {v:.4f}" for r, v in learned.dice_before.items())
     after = " ".join(f"{r} {v:.4f}" for r, v in learned.dice_after.items())
     print(f"learned on {learned.cases} cases: {describe(learned.rules)}")

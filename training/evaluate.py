@@ -16,22 +16,27 @@ from tqdm import tqdm
 from service.core.labels import REGION_NAMES
 from service.core.lesions import lesionwise_metrics
 from service.core.scoring import BRATS_HD95_SUBSTITUTE_MM, region_metrics, volumes_ml
+from service.inference.backends import BackendOptions
 from service.inference.engine import Engine
 from service.inference.model import OnnxModel
+from service.inference.pipeline import segment_scan
 from training.data.manifest import read_case_kinds
-from training.data.readers import find_cases, load_case
+from training.data.readers import find_cases, read_scan
 
 log = logging.getLogger(__name__)
 
+CARD_BACKEND = BackendOptions(backend="onnxruntime", precision="fp32")
+"""What model cards' figures are measured with: ONNX Runtime fp32, all cores."""
 
-def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *, tta: bool = False,
-             overlap: float = 0.5, max_cases: int = 0, threads: int | None = None, batch_size: int = 1,
-             backend: str = "onnxruntime", precision: str = "fp32", progress: bool = True,
-             postprocess: bool = True) -> dict:
+
+def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *,
+             options: BackendOptions = CARD_BACKEND, tta: bool = False, overlap: float = 0.5, max_cases: int = 0,
+             progress: bool = True, postprocess: bool = True) -> dict:
     """Segment every labelled case under ``data`` and score it against its ground truth.
 
-    Several model paths form an ensemble (averaged probabilities). ``backend`` and ``precision`` are those of
-    the service (:func:`service.inference.backends.open_backend`); model cards record ONNX Runtime fp32. Writes ``out/cases.csv`` (one row per
+    Each case goes through the service's pipeline (:func:`service.inference.pipeline.segment_scan`). Several
+    model paths form an ensemble (averaged probabilities). ``options`` are the service's backend options;
+    model cards record ONNX Runtime fp32 (:data:`CARD_BACKEND`). Writes ``out/cases.csv`` (one row per
     case) and ``out/summary.json`` (means per region; HD95 means both over the cases where it is defined
     and, labelled as such, with the BraTS substitute of 373.13 mm where exactly one mask is empty).
     ``postprocess``: the engine applies the model card's postprocessing rules (``False``: the raw labels);
@@ -40,11 +45,8 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
     Returns:
         The summary dictionary written to ``summary.json``.
     """
-    models = [
-        OnnxModel(Path(p), backend=backend, precision=precision, intra_op_threads=threads, batch_size=batch_size)
-        for p in model_paths
-    ]
-    engine = Engine(models, overlap=overlap, batch_size=batch_size)
+    models = [OnnxModel(Path(p), options) for p in model_paths]
+    engine = Engine(models, overlap=overlap, batch_size=options.batch_size)
     cases = [case for case in find_cases(data) if case.label is not None]
     if not cases:
         raise ValueError(f"{data}: no labelled cases to evaluate; give a folder of cases with segmentations")
@@ -56,12 +58,12 @@ def evaluate(model_paths: list[str | Path], data: str | Path, out: str | Path, *
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for case in tqdm(cases, desc="evaluate", disable=not progress, dynamic_ncols=True):
-        image, label, geometry = load_case(case)
+        scan = read_scan(case)
         started = time.perf_counter()
-        result = engine.segment(image, tta=tta, postprocess=postprocess, spacing=geometry.zooms)
+        outcome = segment_scan(scan, engine, tta=tta, postprocess=postprocess)
         seconds = time.perf_counter() - started
-        rows.append(score_case(case.case_id, kinds.get(case.case_id, ""), result.labels, label, geometry.zooms,
-                               seconds))
+        rows.append(score_case(case.case_id, kinds.get(case.case_id, ""), outcome.labels, scan.label,
+                               scan.geometry.zooms, seconds, metrics=outcome.metrics))
 
     summary = summarize(rows)
     summary.update({
@@ -92,9 +94,11 @@ def runtime_version(backend: str) -> str:
     return f"onnxruntime {ort.__version__}"
 
 
-def score_case(case_id: str, kind: str, pred: np.ndarray, truth: np.ndarray, spacing, seconds: float) -> dict:
-    """One ``cases.csv`` row: Dice, HD95 and lesion-wise Dice/HD95 per region, and both volumes in ml."""
-    metrics = region_metrics(pred, truth, spacing)
+def score_case(case_id: str, kind: str, pred: np.ndarray, truth: np.ndarray, spacing, seconds: float, *,
+               metrics: dict | None = None) -> dict:
+    """One ``cases.csv`` row: Dice, HD95 and lesion-wise Dice/HD95 per region, and both volumes in ml.
+    ``metrics``: Dice and HD95 already computed (:func:`~service.core.scoring.region_metrics`), if any."""
+    metrics = metrics if metrics is not None else region_metrics(pred, truth, spacing)
     lesions = lesionwise_metrics(pred, truth, spacing)
     pred_ml, truth_ml = volumes_ml(pred, spacing), volumes_ml(truth, spacing)
     row = {"case": case_id, "kind": kind, "seconds": round(seconds, 3)}

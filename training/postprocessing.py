@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -40,9 +40,12 @@ from service.core.postprocess import (
 )
 from service.core.preprocess import mask_bbox
 from service.inference.card import ModelCard, PostprocessingSpec, card_path, write_card
+from service.inference.backends import BackendOptions
 from service.inference.engine import Engine
 from service.inference.model import OnnxModel
-from training.data.readers import Case, find_cases, load_case
+from service.inference.pipeline import segment_scan
+from training.data.readers import Case, find_cases, read_scan
+from training.evaluate import CARD_BACKEND
 
 log = logging.getLogger(__name__)
 
@@ -267,12 +270,9 @@ def learn_for_model(
     data: str | Path,
     *,
     split: str | Path | None = None,
+    options: BackendOptions = CARD_BACKEND,
     tta: bool = False,
     overlap: float = 0.5,
-    batch_size: int = 1,
-    threads: int | None = None,
-    backend: str = "onnxruntime",
-    precision: str = "fp32",
     progress: bool = True,
     command: str = "",
 ) -> tuple[ModelCard, LearnedPostprocessing]:
@@ -287,17 +287,17 @@ def learn_for_model(
 
     Raises:
         ValueError: see :func:`validation_cases`, :class:`~service.inference.model.OnnxModel`, and
-            :func:`~training.data.readers.load_case`.
+            :func:`~training.data.readers.read_scan`.
     """
     cases = validation_cases(data, split)
-    model = OnnxModel(Path(model_path), backend=backend, precision=precision, intra_op_threads=threads,
-                      batch_size=batch_size)
-    engine = Engine([model], overlap=overlap, batch_size=batch_size)
+    model = OnnxModel(Path(model_path), options)
+    engine = Engine([model], overlap=overlap, batch_size=options.batch_size)
     predictions, truths, spacings = [], [], []
     for case in tqdm(cases, desc="learn-postprocessing", disable=not progress, dynamic_ncols=True):
-        image, label, geometry = load_case(case)
-        result = engine.segment(image, tta=tta, postprocess=False)
-        pred, truth = crop_to_tumour(result.labels, label)
+        scan = read_scan(case)
+        raw = segment_scan(replace(scan, label=None), engine, tta=tta, postprocess=False)  # scored below
+        geometry = scan.geometry
+        pred, truth = crop_to_tumour(raw.labels, scan.label)
         predictions.append(pred)
         truths.append(truth)
         spacings.append(geometry.zooms)

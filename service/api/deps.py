@@ -1,5 +1,5 @@
-"""Typed dependencies that hand routes what they need: settings, the model registry, the request id, and
-the API key check.
+"""Typed dependencies that hand routes what they need: settings, the model catalogue, the inference queue,
+the request id, and the API key check.
 
 Everything comes from ``app.state`` (set by :func:`service.main.create_app`), never from module globals, so
 that tests can build apps with their own settings side by side.
@@ -16,7 +16,8 @@ from fastapi.security import APIKeyHeader
 
 from service.api.errors import ProblemError
 from service.observability import Metrics
-from service.registry import ModelRegistry
+from service.catalogue import ModelCatalogue
+from service.inference.queue import InferenceQueue
 from service.settings import Settings
 
 API_KEY_HEADER = "X-API-Key"
@@ -34,9 +35,14 @@ def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_registry(request: Request) -> ModelRegistry:
-    """The app's model registry (built by ``create_app``, loaded by the lifespan)."""
-    return request.app.state.registry
+def get_catalogue(request: Request) -> ModelCatalogue:
+    """The app's model catalogue (built by ``create_app``, loaded by the lifespan)."""
+    return request.app.state.catalogue
+
+
+def get_queue(request: Request) -> InferenceQueue:
+    """The app's inference queue."""
+    return request.app.state.queue
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -50,7 +56,8 @@ def get_request_id(request: Request) -> str:
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
-RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+CatalogueDep = Annotated[ModelCatalogue, Depends(get_catalogue)]
+QueueDep = Annotated[InferenceQueue, Depends(get_queue)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 

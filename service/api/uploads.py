@@ -1,5 +1,5 @@
 """Uploads of ``POST /segment``: a streamed ``multipart/form-data`` body, written part by part to a private
-temporary folder that is removed when the request ends.
+temporary folder (:mod:`service.api.upload_folders`) that is removed when the request ends.
 
 The body is parsed as it arrives (python-multipart's streaming parser fed from ``request.stream()``), never
 through ``request.form()``, which spools to the system temp folder with no per-request limit. Each file part
@@ -10,12 +10,10 @@ Limits, each answered with an RFC 9457 problem as soon as it is hit, without rea
 
 - ``413`` when the body is larger than ``max_bytes`` (from ``Content-Length`` before anything is read,
   else while counting the bytes as they arrive);
-- ``408`` when no byte of the body arrives for ``idle_timeout_s`` seconds (``BRATS_REQUEST_TIMEOUT_S``: the
-  longest wait for the next chunk, so a stalled client is cut off), or when the whole body takes longer
-  than ``deadline_s`` (``BRATS_UPLOAD_TIMEOUT_S``, so that a client trickling a byte now and then cannot
-  hold a connection and a folder for ever). 408 rather than 400 because the request itself may be fine: the
-  client can send it again. 413 and 408 replies carry ``Connection: close``, as the rest of the body is
-  left unread;
+- ``408`` when no byte of the body arrives for ``idle_timeout_s`` seconds (``BRATS_IDLE_TIMEOUT_S``), or the
+  whole body takes longer than ``deadline_s`` (``BRATS_UPLOAD_TIMEOUT_S``: a client trickling a byte now and
+  then cannot hold a folder for ever); the client may send the request again. 413 and 408 replies carry
+  ``Connection: close``, as the rest of the body is left unread;
 - ``415`` when the body is not ``multipart/form-data`` (or has a ``Content-Encoding``);
 - ``499`` (recorded, never received) for a client that disconnects mid-body;
 - ``400`` for a malformed body and any break of the part rules
@@ -30,8 +28,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -45,26 +41,14 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
 from service.api.errors import ProblemError
+from service.api.upload_folders import storage_error, temporary_folder
 from service.core.labels import MODALITIES
+from service.core.scan import IMAGE_PART, KNOWN_PARTS, LABEL_PART, image_parts
 
-__all__ = [
-    "EXPECTED_PARTS",
-    "IMAGE_PART",
-    "LABEL_PART",
-    "KNOWN_PARTS",
-    "Upload",
-    "check_content_type",
-    "receive_multipart",
-    "received_upload",
-    "remove_stale_folders",
-    "temporary_folder",
-]
+__all__ = ["EXPECTED_PARTS", "Upload", "check_content_type", "receive_multipart", "received_upload"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PART = "image"
-LABEL_PART = "label"
-KNOWN_PARTS: tuple[str, ...] = (*MODALITIES, IMAGE_PART, LABEL_PART)
 EXPECTED_PARTS = (
     f"send either four parts named {', '.join(MODALITIES[:-1])} and {MODALITIES[-1]} (3D volumes of one shape "
     f"and affine) or one part named {IMAGE_PART} (a 4D volume (X, Y, Z, 4), channels in the order "
@@ -101,7 +85,7 @@ class Upload:
     @property
     def image_parts(self) -> tuple[str, ...]:
         """The image parts, in channel order: ``MODALITIES``, or ``("image",)`` for one 4D volume."""
-        return (IMAGE_PART,) if IMAGE_PART in self.files else MODALITIES
+        return image_parts(self.files)
 
     @property
     def label(self) -> Path | None:
@@ -113,7 +97,7 @@ def _bad_request(detail: str, *, title: str = "Invalid upload") -> ProblemError:
     return ProblemError(400, title, detail)
 
 
-def _part_rule_error(problem: str) -> ProblemError:
+def _part_rule_error(problem: str) -> ProblemError:  # the rules, restated after what broke them
     return _bad_request(f"{problem}; {EXPECTED_PARTS}")
 
 
@@ -176,80 +160,6 @@ def _check_content_length(headers: Headers | Mapping[str, str], max_bytes: int) 
         raise _too_large(max_bytes)
 
 
-FOLDER_PREFIX = "segment-"
-"""Upload folders are named ``segment-<pid>-<random>``: the process that owns one can be told from its name."""
-
-
-@asynccontextmanager
-async def temporary_folder(parent: str | os.PathLike[str] | None = None) -> AsyncIterator[Path]:
-    """A new private folder (mode 0700, named ``segment-<pid>-<random>``) inside ``parent``, removed with its
-    contents on exit.
-
-    Removal happens whatever ends the block: success, an exception, or cancellation (a client that went
-    away, a server shutting down). It is done synchronously so that a cancelled task cannot skip it. Only a
-    process killed outright (SIGKILL, power loss) leaves its folders behind: :func:`remove_stale_folders`
-    removes them when the service starts again.
-    """
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=parent))
-    except OSError as err:
-        raise _storage_error(err) from None
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def remove_stale_folders(parent: str | os.PathLike[str] | None = None) -> int:
-    """Remove the upload folders in ``parent`` (default: the system temp folder) left by service processes
-    that no longer run (killed before they could clean up), and those named after this process's own pid
-    (a previous process with the same pid, as in a restarted container). Folders of other running
-    processes (several services sharing one temp folder) are kept.
-
-    Returns:
-        How many folders were removed.
-    """
-    parent = Path(parent if parent is not None else tempfile.gettempdir())
-    removed = 0
-    try:
-        candidates = list(parent.glob(f"{FOLDER_PREFIX}*-*"))
-    except OSError:
-        return 0
-    for folder in candidates:
-        pid_text = folder.name[len(FOLDER_PREFIX):].split("-", 1)[0]
-        if not pid_text.isdigit() or not folder.is_dir() or folder.is_symlink():
-            continue
-        pid = int(pid_text)
-        if pid == os.getpid() or not _process_alive(pid):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed += not folder.exists()
-    if removed:
-        logger.warning("removed %d upload folder(s) left behind by a service process that was killed", removed)
-    return removed
-
-
-def _storage_error(err: OSError) -> ProblemError:
-    """The temporary storage failed (full disk, ...): the server's problem, not the request's."""
-    logger.error("cannot write an upload to the temporary folder: %s", err.strerror or type(err).__name__)
-    return ProblemError(
-        503,
-        "Service Unavailable",
-        "the service cannot store the upload right now (its temporary storage is full or failing); "
-        "try again later",
-        headers={"Retry-After": "30", "Connection": "close"},
-    )
-
-
 class _PartWriter:
     """One part's file: data buffered in memory, written out in a worker thread every ``FLUSH_BYTES``."""
 
@@ -259,7 +169,7 @@ class _PartWriter:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as err:  # no space, no inodes, too many open files: the server's problem
-            raise _storage_error(err) from None
+            raise storage_error(err) from None
         self._file = os.fdopen(fd, "wb")
         self._buffer = bytearray()
         self.size = 0
@@ -276,7 +186,7 @@ class _PartWriter:
             try:
                 await anyio.to_thread.run_sync(self._file.write, chunk)
             except OSError as err:
-                raise _storage_error(err) from None
+                raise storage_error(err) from None
 
     async def finish(self) -> None:
         try:
@@ -285,7 +195,7 @@ class _PartWriter:
             try:
                 self._file.close()
             except OSError as err:
-                raise _storage_error(err) from None
+                raise storage_error(err) from None
 
     def abandon(self) -> None:
         try:
@@ -503,7 +413,7 @@ async def received_upload(
     *,
     tmp_dir: str | os.PathLike[str] | None,
     max_bytes: int,
-    timeout_s: float,
+    idle_timeout_s: float,
     deadline_s: float | None = None,
 ) -> AsyncIterator[Upload]:
     """Receive the request's multipart body into a private temporary folder that lives as long as the block.
@@ -515,7 +425,7 @@ async def received_upload(
         request: The incoming request; its body must not have been read.
         tmp_dir: Parent of the per-request folder (``None``: the system temp folder).
         max_bytes: Largest body accepted (413 beyond).
-        timeout_s: Longest wait for the next chunk of the body, in seconds (408 beyond).
+        idle_timeout_s: Longest wait for the next chunk of the body, in seconds (408 beyond).
         deadline_s: Longest time for the whole body, in seconds (408 beyond; ``None``: no limit).
 
     Yields:
@@ -525,7 +435,7 @@ async def received_upload(
     _check_content_length(request.headers, max_bytes)
     async with temporary_folder(tmp_dir) as folder:
         upload = await receive_multipart(
-            request.stream(), boundary, folder, max_bytes=max_bytes, idle_timeout_s=timeout_s, deadline_s=deadline_s
+            request.stream(), boundary, folder, max_bytes=max_bytes, idle_timeout_s=idle_timeout_s, deadline_s=deadline_s
         )
         logger.debug(
             "upload received: %d bytes, parts %s",

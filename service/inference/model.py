@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from service.inference.backends import DEFAULT_CUDNN_CONV_ALGO_SEARCH, Backend, open_backend
+from service.inference.backends import Backend, BackendOptions, open_backend
 from service.inference.card import ModelCard, card_path, file_sha256, read_card
 
 logger = logging.getLogger(__name__)
@@ -38,15 +37,8 @@ class OnnxModel:
 
     Args:
         path: ``NAME.onnx``; its card ``NAME.json`` must lie beside it.
-        backend: ``auto``, ``onnxruntime`` or ``openvino`` (see :func:`~service.inference.backends.open_backend`).
-        precision: ``auto``, ``fp32`` or ``bf16`` (OpenVINO on a CPU with bf16 only).
-        providers: ONNX Runtime execution providers in order of preference; default CUDA then CPU, whichever
-            this build has. Naming one that it lacks is an error.
-        intra_op_threads: threads per operator; ``None`` leaves the backend's default (all cores).
-        cudnn_conv_algo_search: ``"HEURISTIC"`` (the default: no benchmark) or ``"EXHAUSTIVE"`` (benchmark
-            once per input shape; the patch and batch are fixed, so this is paid on the first call), for CUDA.
-        gpu_mem_limit: cap of the CUDA memory arena in bytes (``None``: no cap).
-        batch_size: windows per call the backend prepares for (OpenVINO compiles for it).
+        options: how it runs (:class:`~service.inference.backends.BackendOptions`; default: ``auto`` backend
+            and precision, all cores, one window per call).
 
     Raises:
         ValueError: naming the file, if the model or its card is missing or invalid, the card has no sha256
@@ -55,18 +47,7 @@ class OnnxModel:
             (and ``patch_size``, where the dims are fixed), or the backend cannot run it.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        backend: str = "auto",
-        precision: str = "auto",
-        providers: Sequence[str] | None = None,
-        intra_op_threads: int | None = None,
-        cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = DEFAULT_CUDNN_CONV_ALGO_SEARCH,
-        gpu_mem_limit: int | None = None,
-        batch_size: int = 1,
-    ) -> None:
+    def __init__(self, path: str | Path, options: BackendOptions = BackendOptions()) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"{self.path}: ONNX model not found")
@@ -84,16 +65,7 @@ class OnnxModel:
             )
         try:
             self.runtime: Backend = open_backend(
-                self.path,
-                backend=backend,
-                precision=precision,
-                providers=providers,
-                threads=intra_op_threads,
-                cudnn_conv_algo_search=cudnn_conv_algo_search,
-                gpu_mem_limit=gpu_mem_limit,
-                patch_size=self.card.patch_size,
-                batch_size=batch_size,
-                in_channels=self.card.in_channels,
+                self.path, options, patch_size=self.card.patch_size, in_channels=self.card.in_channels
             )
         except ValueError as exc:
             message = str(exc)
@@ -217,27 +189,26 @@ def model_paths(models_dir: str | Path) -> list[Path]:
     return paths
 
 
-def load_model(path: str | Path, **options: Any) -> OnnxModel:
-    """One :class:`OnnxModel` (``options`` are its keyword arguments), whose card's ``name`` must be its file's
-    ``NAME``.
+def load_model(path: str | Path, options: BackendOptions = BackendOptions()) -> OnnxModel:
+    """One :class:`OnnxModel` run with ``options``, whose card's ``name`` must be its file's ``NAME``.
 
     Raises:
         ValueError: :class:`OnnxModel`'s checks fail, or the card's ``name`` is not the file's ``NAME``.
     """
     path = Path(path)
-    model = OnnxModel(path, **options)
+    model = OnnxModel(path, options)
     if model.name != path.stem:
         raise ValueError(f"{card_path(path)}: card name {model.name!r} differs from the file name {path.stem!r}")
     return model
 
 
-def load_models(models_dir: str | Path, **options: Any) -> dict[str, OnnxModel]:
-    """Load every ``NAME.onnx`` in ``models_dir`` (:func:`load_model`, which takes ``options``), keyed by name,
-    sorted; all or nothing.
+def load_models(models_dir: str | Path, options: BackendOptions = BackendOptions()) -> dict[str, OnnxModel]:
+    """Load every ``NAME.onnx`` in ``models_dir`` (:func:`load_model`) with ``options``, keyed by name, sorted;
+    all or nothing.
 
     Raises:
         ValueError: the folder is missing or holds no ``.onnx`` file; a model lacks its ``NAME.json`` or
             fails :class:`OnnxModel`'s checks; a card's ``name`` is not its file's ``NAME``.
     """
-    models = (load_model(path, **options) for path in model_paths(models_dir))
+    models = (load_model(path, options) for path in model_paths(models_dir))
     return {model.name: model for model in models}

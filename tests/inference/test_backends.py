@@ -10,14 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.inference.backends import (
-    AUTO_CPU_PRECISION,
-    OnnxRuntimeBackend,
-    OpenVinoBackend,
-    cpu_supports_bf16,
-    open_backend,
-    openvino_available,
-)
+from service.inference.backends import AUTO_CPU_PRECISION, BackendOptions, OnnxRuntimeBackend, open_backend
+from service.inference.openvino_backend import OpenVinoBackend, cpu_supports_bf16, openvino_available
 from service.inference.engine import Engine
 from service.inference.model import OnnxModel
 from tests.tiny_models import build_model, expected_labels, pointwise_weights, random_weights, scan
@@ -39,13 +33,13 @@ def batch(n: int, size=(8, 8, 8), seed: int = 0) -> np.ndarray:
 
 class TestChoice:
     def test_explicit_onnxruntime(self, conv3d):
-        runtime = open_backend(conv3d, backend="onnxruntime", providers=["CPUExecutionProvider"], threads=1)
+        runtime = open_backend(conv3d, BackendOptions(backend="onnxruntime", providers=("CPUExecutionProvider",), threads=1))
         assert isinstance(runtime, OnnxRuntimeBackend)
         assert (runtime.backend, runtime.device, runtime.precision) == ("onnxruntime", "CPU", "fp32")
         assert runtime.provider == "CPUExecutionProvider"
 
     def test_auto_without_a_gpu(self, conv3d):
-        runtime = open_backend(conv3d, threads=1)
+        runtime = open_backend(conv3d, BackendOptions(threads=1))
         has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if has_cuda and runtime.provider == "CUDAExecutionProvider":
             pytest.skip("a GPU is usable here: auto rightly chose CUDA")
@@ -66,7 +60,7 @@ class TestChoice:
     )
     def test_refusals_say_what_to_set(self, conv3d, options, message):
         with pytest.raises(ValueError, match=message):
-            open_backend(conv3d, **options)
+            open_backend(conv3d, BackendOptions(**options))
 
 
 @needs_openvino
@@ -131,7 +125,7 @@ class TestOpenVino:
 
     def test_model_and_engine_give_the_oracle_labels(self, tmp_path):
         path = build_model(tmp_path, "point3d", *pointwise_weights(), patch_size=(4, 4, 4))
-        model = OnnxModel(path, backend="openvino", precision="fp32", intra_op_threads=1)
+        model = OnnxModel(path, BackendOptions(backend="openvino", precision="fp32", threads=1))
         assert (model.backend, model.device, model.precision, model.provider) == (
             "openvino", "CPU", "fp32", "OpenVINO CPU"
         )
@@ -157,16 +151,39 @@ class TestOpenVino:
 
 
 def test_one_default_for_the_cudnn_search_everywhere():
-    """The service's settings, the engine's models (what `training evaluate` uses) and the backends agree."""
-    import inspect
-
+    """The service's settings, the options they make, and the options of `training evaluate` agree."""
     from service.inference import backends
-    from service.inference.model import OnnxModel
     from service.settings import Settings
+    from training.evaluate import CARD_BACKEND
 
     defaults = {
         "settings": Settings.model_fields["cudnn_conv_algo_search"].default,
-        "OnnxModel": inspect.signature(OnnxModel).parameters["cudnn_conv_algo_search"].default,
-        "open_backend": inspect.signature(backends.open_backend).parameters["cudnn_conv_algo_search"].default,
+        "service options": Settings().backend_options().cudnn_conv_algo_search,
+        "BackendOptions": backends.BackendOptions().cudnn_conv_algo_search,
+        "evaluate": CARD_BACKEND.cudnn_conv_algo_search,
     }
     assert set(defaults.values()) == {backends.DEFAULT_CUDNN_CONV_ALGO_SEARCH}, defaults
+
+
+def test_settings_become_backend_options_whole():
+    """Every backend setting reaches BackendOptions under its own name."""
+    from service.settings import Settings
+
+    settings = Settings(backend="onnxruntime", precision="fp32", providers=["CPUExecutionProvider"], threads=3,
+                        batch_size=2, cudnn_conv_algo_search="EXHAUSTIVE", gpu_mem_limit_bytes=1 << 30)
+    options = settings.backend_options()
+    assert options == BackendOptions(backend="onnxruntime", precision="fp32", providers=("CPUExecutionProvider",),
+                                     threads=3, batch_size=2, cudnn_conv_algo_search="EXHAUSTIVE",
+                                     gpu_mem_limit_bytes=1 << 30)
+    for name in ("backend", "precision", "threads", "batch_size", "cudnn_conv_algo_search", "gpu_mem_limit_bytes"):
+        assert getattr(options, name) == getattr(settings, name)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("threads", 0, "threads must be at least 1"),
+    ("batch_size", 0, "batch_size must be at least 1"),
+    ("cudnn_conv_algo_search", "FASTEST", "cudnn_conv_algo_search must be one of"),
+])
+def test_backend_options_refuse_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        BackendOptions(**{field: value})

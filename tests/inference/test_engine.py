@@ -17,7 +17,7 @@ from scipy import ndimage, special
 from service.core.labels import regions_to_labels
 from service.core.preprocess import preprocess, uncrop
 from service.inference.card import ModelCard, card_path, file_sha256, write_card
-from service.inference.backends import DEFAULT_PROVIDERS, provider_list
+from service.inference.backends import DEFAULT_PROVIDERS, BackendOptions, provider_list
 from service.inference.engine import FLIPS, FLIPS_2D, Engine, InferenceCancelled, Segmentation, sigmoid
 from service.inference.model import OnnxModel, load_models
 from tests.tiny_models import (
@@ -37,9 +37,9 @@ FULL = SHAPE
 def open_model(path, **kwargs) -> OnnxModel:
     """ONNX Runtime on the CPU unless told otherwise (on a GPU host too), one thread: the same numbers everywhere.
     The OpenVINO backend has its own tests (test_backends.py)."""
-    kwargs.setdefault("providers", ["CPUExecutionProvider"])
+    kwargs.setdefault("providers", ("CPUExecutionProvider",))
     kwargs.setdefault("backend", "onnxruntime")
-    return OnnxModel(path, intra_op_threads=1, **kwargs)
+    return OnnxModel(path, BackendOptions(threads=1, **kwargs))
 
 
 def numpy_conv(data: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -151,7 +151,7 @@ class TestProviders:
         ]
 
     def test_cuda_arena_cap(self):
-        got = provider_list(["CUDAExecutionProvider"], ["CUDAExecutionProvider"], gpu_mem_limit=2 << 30)
+        got = provider_list(["CUDAExecutionProvider"], ["CUDAExecutionProvider"], gpu_mem_limit_bytes=2 << 30)
         assert got[0][1]["gpu_mem_limit"] == str(2 << 30)
 
     def test_unavailable_ones_are_left_out(self):
@@ -189,7 +189,7 @@ class TestOnnxModel:
             model(np.zeros((1, 3, 4, 4, 4), np.float32))
 
     def test_default_providers_take_the_best_available(self, models):
-        model = OnnxModel(models["point3d"][0].path, backend="onnxruntime", intra_op_threads=1)
+        model = OnnxModel(models["point3d"][0].path, BackendOptions(backend="onnxruntime", threads=1))
         available = ort.get_available_providers()
         assert model.provider in [p for p in DEFAULT_PROVIDERS if p in available]  # CUDA may fall back to CPU
 
@@ -210,7 +210,7 @@ class TestLoadModels:
         build_model(tmp_path, "zeta", *pointwise_weights(), patch_size=(8, 8, 8))
         build_model(tmp_path, "alpha", *pointwise_weights(spatial_dims=2), patch_size=(8, 8))
         (tmp_path / "notes.txt").write_text("not a model")
-        models = load_models(tmp_path, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1)
+        models = load_models(tmp_path, BackendOptions(backend="onnxruntime", providers=("CPUExecutionProvider",), threads=1))
         assert list(models) == ["alpha", "zeta"]
         assert [m.spatial_dims for m in models.values()] == [2, 3]
         assert {m.provider for m in models.values()} == {"CPUExecutionProvider"}

@@ -15,6 +15,7 @@ from service.core.postprocess import PostprocessingRules, RegionRule, apply_post
 from service.core.labels import MODALITIES
 from service.inference.card import OutputSpec, PostprocessingSpec, card_path, read_card
 from service.inference.engine import Engine
+from service.inference.backends import BackendOptions
 from service.inference.model import OnnxModel
 from tests.tiny_models import FLAIR, build_model, expected_labels, pointwise_weights, scan
 
@@ -23,6 +24,8 @@ ISO = (1.0, 1.0, 1.0)
 LARGEST_WT = PostprocessingRules(WT=RegionRule("largest_component"))
 SMALL_WT = PostprocessingRules(WT=RegionRule("remove_small", 0.002))  # 2 voxels of 1 mm^3
 ET_TO_NCR = PostprocessingRules(et_to_ncr_below_ml=0.005)  # the ET box has 4 voxels
+
+CPU_ONE_THREAD = BackendOptions(backend="onnxruntime", providers=("CPUExecutionProvider",), threads=1)
 
 
 def blob_scan() -> np.ndarray:
@@ -45,7 +48,7 @@ def build(tmp_path_factory):
     def make(name: str, rules: PostprocessingRules | None) -> OnnxModel:
         updates = {} if rules is None else {"postprocessing": PostprocessingSpec.from_rules(rules)}
         path = build_model(folder, name, *pointwise_weights(), patch_size=(8, 8, 8), card_updates=updates)
-        return OnnxModel(path, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1)
+        return OnnxModel(path, CPU_ONE_THREAD)
 
     return make
 
@@ -146,7 +149,7 @@ def test_a_2d_model_with_anisotropic_spacing(tmp_path):
     rules = PostprocessingRules(WT=RegionRule("remove_small", 0.01))  # the blob: 1 voxel
     path = build_model(tmp_path, "flat", *pointwise_weights(spatial_dims=2), patch_size=(8, 8),
                        card_updates={"postprocessing": PostprocessingSpec.from_rules(rules)})
-    engine = Engine([OnnxModel(path, backend="onnxruntime", providers=["CPUExecutionProvider"], intra_op_threads=1)])
+    engine = Engine([OnnxModel(path, CPU_ONE_THREAD)])
     coarse, fine = (1.0, 1.0, 12.0), (1.0, 1.0, 2.0)  # one voxel: 0.012 ml (kept), 0.002 ml (removed)
     np.testing.assert_array_equal(engine.segment(blob_scan(), spacing=coarse).labels, raw_labels())
     result = engine.segment(blob_scan(), spacing=fine)

@@ -300,18 +300,18 @@ class TestStartup:
         from fastapi.testclient import TestClient
 
         from service.main import create_app
-        from service.registry import ModelRegistry
+        from service.catalogue import ModelCatalogue
         from service.settings import Settings
 
         release = threading.Event()
 
-        class SlowRegistry(ModelRegistry):
+        class SlowCatalogue(ModelCatalogue):
             def load(self) -> None:  # the real load, once the test lets it go
                 release.wait(30)
                 super().load()
 
         settings = Settings(models_dir=models_dir, providers=["CPUExecutionProvider"], threads=1)
-        app = create_app(settings, registry=SlowRegistry(settings))
+        app = create_app(settings, catalogue=SlowCatalogue(settings))
         with TestClient(app) as client:  # runs the real lifespan
             assert client.get("/healthz").status_code == 200
             loading = client.get("/readyz")

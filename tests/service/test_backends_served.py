@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.inference.backends import cpu_supports_bf16, openvino_available
+from service.inference.openvino_backend import cpu_supports_bf16, openvino_available
 from tests.service.support import expected_labels, write_case
 from tests.service.test_segment import decode_mask
 

@@ -15,9 +15,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from service import client_cli
 from service.client import SegmentationClient, SegmentResult, ServiceError, _MultipartBody, _problem
-from service.client_cli import find_case_files, format_summary, main
+from service.client_cli import format_summary, main
+from service.core.case_folder import find_case_files
 from service.core.labels import MODALITIES
 
 from tests.service.support import expected_labels, tumour_scan, write_image4d, write_nifti
@@ -95,35 +95,6 @@ class TestMultipartBody:
         f = tmp_path / "a.nii"
         f.write_bytes(b"x")
         assert _MultipartBody((("image", f),)).boundary != _MultipartBody((("image", f),)).boundary
-
-
-class TestCaseFolder:
-    def test_finds_modalities_and_seg(self, tmp_path):
-        folder = make_case(tmp_path)
-        case, files, seg = find_case_files(folder)
-        assert case == folder.name
-        assert list(files) == list(MODALITIES)
-        assert files["t1ce"].name == f"{case}_t1ce.nii.gz"
-        assert seg == folder / f"{case}_seg.nii.gz"
-
-    def test_renamed_folder_uses_the_flair_prefix(self, tmp_path):
-        folder = make_case(tmp_path, "case7", gz=False, seg=False)
-        renamed = folder.rename(tmp_path / "renamed")
-        case, files, seg = find_case_files(renamed)
-        assert case == "case7" and seg is None
-        assert files["flair"] == renamed / "case7_flair.nii"
-
-    def test_missing_modality(self, tmp_path):
-        folder = make_case(tmp_path)
-        (folder / f"{folder.name}_t2.nii.gz").unlink()
-        with pytest.raises(client_cli.InputError, match=r"no BraTS20_Training_901_t2\.nii\[\.gz\]"):
-            find_case_files(folder)
-
-    def test_nii_and_nii_gz_both_present(self, tmp_path):
-        folder = make_case(tmp_path)
-        (folder / f"{folder.name}_t1.nii").write_bytes(b"")
-        with pytest.raises(client_cli.InputError, match="keep one"):
-            find_case_files(folder)
 
 
 class TestCliInput:

@@ -15,7 +15,8 @@ from fastapi import Query
 from service.api.deps import ApiKeyDep, RequestIdDep, key_is_valid
 from service.api.errors import ProblemError, validation_detail
 from service.main import create_app
-from service.observability import Metrics, request_id_from
+from service.api.request_context import request_id_from
+from service.observability import Metrics
 from service.settings import Settings
 
 

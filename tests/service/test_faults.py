@@ -151,7 +151,7 @@ class TestSlowClient:
         uploads = tmp_path / "uploads"
         uploads.mkdir()
         server = server_factory(
-            models_dir, settings={"request_timeout_s": 1, "upload_timeout_s": 2, "tmp_dir": uploads}
+            models_dir, settings={"idle_timeout_s": 1, "upload_timeout_s": 2, "tmp_dir": uploads}
         )
         head, body = raw_request(server.url, "/segment", {"flair": b"x" * 1000, "t1": b"y"})
         sock = connect(server.url)
@@ -169,7 +169,7 @@ class TestSlowClient:
         wait_for(lambda: list(uploads.iterdir()) == [], 5, "removing the upload folder")
 
     def test_stalled_client_gets_the_idle_timeout(self, server_factory, models_dir):
-        server = server_factory(models_dir, settings={"request_timeout_s": 0.5, "upload_timeout_s": 30})
+        server = server_factory(models_dir, settings={"idle_timeout_s": 0.5, "upload_timeout_s": 30})
         head, body = raw_request(server.url, "/segment", {"flair": b"x" * 1000})
         sock = connect(server.url)
         sock.sendall(head + body[:100])

@@ -222,7 +222,7 @@ def service(server_factory, models_dir_2d, spool):
             "tmp_dir": spool,
             "max_upload_bytes": MAX_UPLOAD_BYTES,
             "max_voxels": MAX_VOXELS,
-            "request_timeout_s": IDLE_TIMEOUT_S,
+            "idle_timeout_s": IDLE_TIMEOUT_S,
         },
     )
 

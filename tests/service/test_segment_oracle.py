@@ -17,6 +17,7 @@ import pytest
 from service.core.labels import MODALITIES
 from service.core.nifti import load_volume
 from service.inference.engine import Engine
+from service.inference.backends import BackendOptions
 from service.inference.model import OnnxModel
 from tests.service.support import write_case
 from tests.tiny_models import FLAIR, T1CE, T2, build_model
@@ -58,7 +59,7 @@ def _mask(response) -> np.ndarray:
 
 
 def _engine(folder, *names) -> Engine:
-    return Engine([OnnxModel(folder / f"{n}.onnx", providers=["CPUExecutionProvider"]) for n in names])
+    return Engine([OnnxModel(folder / f"{n}.onnx", BackendOptions(providers=("CPUExecutionProvider",))) for n in names])
 
 
 class TestAgainstTheEngine:

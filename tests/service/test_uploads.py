@@ -21,8 +21,8 @@ from service.api.uploads import (
     Upload,
     check_content_type,
     receive_multipart,
-    temporary_folder,
 )
+from service.api.upload_folders import temporary_folder
 
 BOUNDARY = b"----test-boundary-7MA4YWxkTrZu0gW"
 MODALITY_NAMES = ("flair", "t1", "t1ce", "t2")

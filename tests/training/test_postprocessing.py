@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from service.core.labels import REGIONS
-from service.core.metrics import dice
+from service.core.scoring import dice
 from service.core.postprocess import PostprocessingRules, RegionRule, apply_postprocessing
 from service.inference.card import card_path, file_sha256, read_card
+from service.inference.backends import BackendOptions
 from service.inference.model import OnnxModel
 from tests.tiny_models import build_model, pointwise_weights
 from training.cli import main
@@ -231,7 +232,7 @@ class TestCommand:
             assert spec.learned_on["dice_after"][region] >= spec.learned_on["dice_before"][region]
         assert card.sha256 == sha == file_sha256(model)  # the ONNX file is untouched
         assert card.model_copy(update={"postprocessing": None}) == read_card(card_path(tiny_model))
-        assert OnnxModel(model, intra_op_threads=1).card.postprocessing == spec  # it loads
+        assert OnnxModel(model, BackendOptions(threads=1)).card.postprocessing == spec  # it loads
 
         # evaluate records whether it applied the rules
         for flags, expected in (([], True), (["--no-postprocess"], False)):

@@ -25,21 +25,15 @@ from typing import Literal
 
 import numpy as np
 
-from service.core.labels import MODALITIES, MSD_TO_BRATS, msd_to_brats
-from service.core.geometry import Geometry, grid_mismatch
-from service.core.nifti import NiftiError, load_label, load_volume
+from service.core.case_folder import CaseFolderError, find_case_files, nifti_in
+from service.core.labels import MODALITIES
+from service.core.geometry import Geometry
+from service.core.scan import IMAGE_PART, LABEL_PART, Scan, ScanError, load_scan
 
 logger = logging.getLogger(__name__)
 
-"""Largest absolute difference allowed between the affines of one case's volumes (as the service)."""
-
-MSD_LABEL_VALUES = tuple(MSD_TO_BRATS)
-"""Values of an MSD Task01 label file (0, 1, 2, 3): background, edema, non-enhancing tumour, enhancing tumour."""
-
 BRATS_CASE_RE = re.compile(r"^BraTS20_(Training|Validation|Testing)_\d+$")
 MSD_CASE_RE = re.compile(r"^(BRATS_\d+)\.nii(\.gz)?$")
-SEGM_QUIRK_RE = re.compile(r"^[^.].*Segm\.nii(\.gz)?$")
-"""Case 355 of BraTS 2020 ships its label as ``W39_1998.09.19_Segm.nii``."""
 
 _MAX_SEARCH_DEPTH = 3
 
@@ -123,34 +117,17 @@ def _find_dirs(root: Path, holds: Callable[[Path], bool]) -> list[Path]:
 
 
 def _nifti_in(folder: Path, stem: str) -> Path | None:
-    """``folder/stem.nii`` or ``folder/stem.nii.gz``; ``None`` if neither; DataError if both."""
-    candidates = [folder / f"{stem}{ext}" for ext in (".nii", ".nii.gz")]
-    present = [p for p in candidates if p.is_file()]
-    if len(present) > 1:
-        raise DataError(f"{folder.name}: both {present[0].name} and {present[1].name} exist; keep one ({folder})")
-    return present[0] if present else None
+    try:
+        return nifti_in(folder, stem)
+    except CaseFolderError as err:
+        raise DataError(str(err)) from None
 
 
 def _brats_case(folder: Path) -> Case:
-    case_id = folder.name
-    images: dict[str, Path] = {}
-    for modality in MODALITIES:
-        path = _nifti_in(folder, f"{case_id}_{modality}")
-        if path is None:
-            raise DataError(
-                f"{case_id}: missing {modality} volume ({folder / (case_id + '_' + modality + '.nii[.gz]')})"
-            )
-        images[modality] = path
-    label = _nifti_in(folder, f"{case_id}_seg")
-    if label is None:
-        quirks = sorted(
-            p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and SEGM_QUIRK_RE.match(p.name)
-        )
-        if len(quirks) > 1:
-            raise DataError(f"{case_id}: several candidate label files {[p.name for p in quirks]} ({folder})")
-        if quirks:
-            label = quirks[0]
-            logger.info("%s: using %s as the label (known BraTS 2020 naming quirk)", case_id, label.name)
+    try:
+        case_id, images, label = find_case_files(folder, case_id=folder.name)
+    except CaseFolderError as err:
+        raise DataError(str(err)) from None
     return Case(case_id=case_id, images=images, label=label, label_format="brats")
 
 
@@ -259,76 +236,36 @@ def find_cases(root: Path | str) -> list[Case]:
     raise DataError(f"no dataset found under {root}; expected {BRATS_EXPECTED} or {MSD_EXPECTED}")
 
 
-def _same_grid(case_id: str, ref: Geometry, ref_path: Path, geom: Geometry, path: Path) -> None:
-    """Raise a DataError unless ``geom`` lies on ``ref``'s voxel grid."""
-    mismatch = grid_mismatch(geom, ref)
-    if mismatch is not None:
-        raise DataError(f"{case_id}: {mismatch}, compared with {ref_path.name} ({path})")
+def _parts(case: Case) -> dict[str, Path]:
+    """The case's files by scan part name (:mod:`service.core.scan`)."""
+    parts: dict[str, Path] = dict(case.images) if case.images is not None else {IMAGE_PART: case.image4d}
+    if case.label is not None:
+        parts[LABEL_PART] = case.label
+    return parts
 
 
-def _read(case_id: str, path: Path, reader, *, what: str = "", **kwargs):
-    """``reader(path, **kwargs)`` with its errors as DataError ``"CASE: {what}problem (file)"``."""
-    try:
-        return reader(path, **kwargs)
-    except NiftiError as exc:
-        raise DataError(f"{case_id}: {what}{exc.reason} ({path})") from exc
-    except (OSError, EOFError) as exc:
-        raise DataError(f"{case_id}: {what}cannot read the file: {exc} ({path})") from exc
-
-
-def _msd_label(case_id: str, path: Path) -> tuple[np.ndarray, Geometry]:
-    raw, geom = _read(case_id, path, load_label, valid=MSD_LABEL_VALUES, what="MSD label file: ")
-    return msd_to_brats(raw), geom
-
-
-def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
-    """Read one case into memory.
-
-    Args:
-        case: A case from :func:`find_cases` (or built by hand).
-
-    Returns:
-        ``(image, label, geometry)``: ``image`` float32 ``(4, X, Y, Z)`` in ``MODALITIES`` order; ``label``
-        uint8 ``(X, Y, Z)`` in BraTS 2020 values {0, 1, 2, 4} (MSD labels are mapped), or ``None`` when the
-        case has no label; the geometry of the first image file.
+def read_scan(case: Case) -> Scan:
+    """Read one case into memory with the service's scan loader (:func:`service.core.scan.load_scan`): the
+    image ``(4, X, Y, Z)`` float32 in ``MODALITIES`` order, the label in BraTS 2020 values {0, 1, 2, 4} (MSD
+    labels are mapped) or ``None``, and the geometry of the first image file.
 
     Raises:
         DataError: ``"CASE: problem (file)"`` for an unreadable or corrupt file, a wrong number of
             dimensions or channels, shapes or affines (beyond 1e-3) that differ between the volumes, or
             label values outside the expected set.
     """
-    cid = case.case_id
-    if case.images is not None:
-        volumes = []
-        ref_geom: Geometry | None = None
-        ref_path = case.images[MODALITIES[0]]
-        for modality in MODALITIES:
-            path = case.images[modality]
-            data, geom = _read(cid, path, load_volume, ndim=3)
-            if ref_geom is None:
-                ref_geom = geom
-            else:
-                _same_grid(cid, ref_geom, ref_path, geom, path)
-            volumes.append(np.asarray(data, dtype=np.float32))
-        image = np.stack(volumes)
-        del volumes
-    else:
-        ref_path = case.image4d
-        data, ref_geom = _read(cid, ref_path, load_volume, ndim=4)
-        if data.shape[-1] != len(MODALITIES):
-            raise DataError(
-                f"{cid}: 4D image has {data.shape[-1]} channels, expected {len(MODALITIES)} "
-                f"({', '.join(MODALITIES)}) ({ref_path})"
-            )
-        image = np.ascontiguousarray(np.moveaxis(np.asarray(data, dtype=np.float32), -1, 0))
-        del data
+    parts = _parts(case)
+    try:
+        scan = load_scan(parts, label_format=case.label_format)
+    except ScanError as err:
+        what = "MSD label file: " if err.part == LABEL_PART and case.label_format == "msd" else ""
+        raise DataError(f"{case.case_id}: {what}{err.reason} ({parts[err.part]})") from err
+    except OSError as err:
+        raise DataError(f"{case.case_id}: cannot read the file: {err}") from err
+    return scan
 
-    label = None
-    if case.label is not None:
-        if case.label_format == "msd":
-            label, geom = _msd_label(cid, case.label)
-        else:
-            label, geom = _read(cid, case.label, load_label)
-        _same_grid(cid, ref_geom, ref_path, geom, case.label)
-        label = np.asarray(label, dtype=np.uint8)
-    return image, label, ref_geom
+
+def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:
+    """``(image, label, geometry)`` of :func:`read_scan`."""
+    scan = read_scan(case)
+    return scan.image, scan.label, scan.geometry

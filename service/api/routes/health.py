@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import RegistryDep
+from service.api.deps import CatalogueDep
 from service.api.errors import ProblemError, problem_responses
 
 router = APIRouter(tags=["health"])
@@ -24,7 +24,7 @@ async def healthz() -> dict[str, str]:
     summary="Readiness: 200 once every configured model is loaded",
     responses=problem_responses({503: "Not ready; `detail` says why."}),
 )
-async def readyz(registry: RegistryDep) -> dict[str, object]:
-    if not registry.ready:
-        raise ProblemError(503, "Not ready", f"The service is not ready: {registry.reason}")
-    return {"status": "ready", "models": registry.names, "default": registry.default}
+async def readyz(catalogue: CatalogueDep) -> dict[str, object]:
+    if not catalogue.ready:
+        raise ProblemError(503, "Not ready", f"The service is not ready: {catalogue.reason}")
+    return {"status": "ready", "models": catalogue.names, "default": catalogue.default}

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from service.api.deps import RegistryDep
+from service.api.deps import CatalogueDep
 from service.api.errors import OPTIONAL_API_KEY, problem_responses
 
 router = APIRouter(tags=["metadata"])
@@ -24,7 +24,7 @@ router = APIRouter(tags=["metadata"])
     ),
     openapi_extra=OPTIONAL_API_KEY,
 )
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
+async def list_models(catalogue: CatalogueDep) -> dict[str, Any]:
     models = [
         {
             **model.card.model_dump(mode="json"),
@@ -33,6 +33,6 @@ async def list_models(registry: RegistryDep) -> dict[str, Any]:
             "device": model.device,
             "precision": model.precision,
         }
-        for _, model in sorted(registry.models.items())
+        for _, model in sorted(catalogue.models.items())
     ]
-    return {"default": registry.default, "models": models, "failed": dict(sorted(registry.failed.items()))}
+    return {"default": catalogue.default, "models": models, "failed": dict(sorted(catalogue.failed.items()))}

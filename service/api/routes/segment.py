@@ -1,9 +1,10 @@
 """``POST /segment``: NIfTI parts in, BraTS labels out (SPEC section 2).
 
-The route translates: it resolves the model, receives the upload (:mod:`service.api.uploads`), runs
-:func:`segment_upload` (decode, segment, metrics, encode) as one job on the registry's bounded executor, so
-that the whole CPU-heavy part counts toward the concurrency limit and never runs on the event loop, and
-turns the result into JSON or a ``.nii.gz`` reply.
+The route only translates HTTP: it resolves the model in the catalogue, receives the upload
+(:mod:`service.api.uploads`), hands the pipeline (:func:`service.inference.pipeline.segment_files`: read,
+segment, score, encode) to the inference queue as one job, so that the whole CPU-heavy part counts toward
+the concurrency limit and never runs on the event loop, and turns the outcome into JSON or a ``.nii.gz``
+reply; a part that cannot be used becomes a 400 or 413 problem.
 """
 
 from __future__ import annotations
@@ -12,38 +13,25 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import threading
 import time
-from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
-from service.api.deps import RegistryDep, SettingsDep
+from service.api.deps import CatalogueDep, QueueDep, SettingsDep
 from service.api.errors import OPTIONAL_API_KEY, ProblemError, problem_responses
 from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, SegmentSummary
-from service.api.uploads import (
-    CLIENT_CLOSED_REQUEST,
-    EXPECTED_PARTS,
-    IMAGE_PART,
-    LABEL_PART,
-    Upload,
-    received_upload,
-)
+from service.api.uploads import CLIENT_CLOSED_REQUEST, EXPECTED_PARTS, received_upload
+from service.catalogue import ModelCatalogue
 from service.core.labels import MODALITIES
-from service.core.scoring import region_metrics, volumes_ml
-from service.core.workers import thread_pool
-from service.core.geometry import Geometry, grid_mismatch
-from service.core.nifti import NiftiError, VolumeTooLargeError, load_label, load_volume, read_header
-from service.core.nifti_write import mask_to_bytes
+from service.core.scan import IMAGE_PART, LABEL_PART, ScanError
 from service.inference.engine import Engine, InferenceCancelled
-from service.registry import ModelRegistry, QueueFullError
+from service.inference.pipeline import SegmentOutcome, segment_files
+from service.inference.queue import InferenceQueue, QueueFullError
 
-__all__ = ["router", "segment_upload", "SegmentOutcome"]
+__all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,187 +90,40 @@ _RESPONSES: dict[int | str, dict] = {
 }
 
 
-@dataclass(frozen=True)
-class SegmentOutcome:
-    """What :func:`segment_upload` computed (everything but the model's identity and the total time).
-
-    ``timings_ms`` has ``decode``, ``preprocess``, ``inference`` and ``postprocess``; ``engine_s`` is the time
-    spent in :meth:`Engine.segment` (the ``brats_inference_duration_seconds`` observation).
-    """
-
-    geometry: Geometry
-    volumes_ml: dict[str, float]
-    metrics: dict[str, dict[str, float | None]] | None
-    mask: bytes
-    timings_ms: dict[str, float]
-    engine_s: float
-    postprocessed: bool = False
-
-
-# ------------------------------------------------------------------------------------------ the job
-
-
-def _invalid(part: str, err: NiftiError) -> ProblemError:
-    return ProblemError(400, "Invalid NIfTI volume", f"part {part}: {err.reason}")
-
-
-def _read(
-    part: str, path: Path, *, ndim: int, max_voxels: int | None, out: np.ndarray | None = None
-) -> tuple[np.ndarray, Geometry]:
-    """Read one part (``label``: as BraTS labels), turning a NIfTI problem into a problem reply that names the
-    part, never the path."""
-    try:
-        if part == LABEL_PART:
-            return load_label(path, max_voxels=max_voxels)
-        return load_volume(path, ndim=ndim, max_voxels=max_voxels, out=out)
-    except VolumeTooLargeError as err:
-        raise ProblemError(
+def _problem(err: ScanError) -> ProblemError:
+    """The problem reply for a part that cannot be used: it names the part, never a path."""
+    if err.too_large:
+        return ProblemError(
             413,
             "Volume Too Large",
-            f"part {part}: {err.reason}; ask the operator to raise BRATS_MAX_VOXELS if the volume is genuine",
-        ) from None
-    except NiftiError as err:
-        raise _invalid(part, err) from None
-
-
-def _read_header_geometry(part: str, path: Path) -> Geometry | None:
-    """The part's geometry from its header alone; ``None`` when the header's geometry is invalid (reading the
-    whole part then says precisely why)."""
-    try:
-        header = read_header(path)
-    except NiftiError as err:
-        raise _invalid(part, err) from None
-    try:
-        return Geometry.from_header(header)
-    except Exception:  # noqa: BLE001 - nibabel's HeaderDataError, ValueError, OverflowError: see the docstring
-        return None
-
-
-def _check_same_grid(part: str, geometry: Geometry, reference: Geometry, reference_part: str) -> None:
-    mismatch = grid_mismatch(geometry, reference)
-    if mismatch is not None:
-        raise ProblemError(
-            400,
-            "Mismatched volumes",
-            f"part {part}: {mismatch}, compared with part {reference_part}; all parts must be co-registered on "
-            "the same voxel grid",
+            f"part {err.part}: {err.reason}; ask the operator to raise BRATS_MAX_VOXELS if the volume is genuine",
         )
-
-
-def read_image(upload: Upload, *, max_voxels: int | None) -> tuple[np.ndarray, Geometry]:
-    """The image ``(4, X, Y, Z)`` float32 in ``MODALITIES`` order and its geometry, from either input form.
-
-    The four modality parts are decoded in parallel straight into their channel of the image (the shape
-    comes from the first part's header); problems are reported for the first part, in ``MODALITIES`` order,
-    that has one.
-
-    Raises:
-        ProblemError: 413 for a header over ``max_voxels``; 400 for an unreadable part, a 4D image without 4
-            channels, or modality parts that differ in shape or affine.
-    """
-    if upload.image_parts == (IMAGE_PART,):
-        data, geometry = _read(IMAGE_PART, upload.files[IMAGE_PART], ndim=4, max_voxels=max_voxels)
-        if data.shape[-1] != len(MODALITIES):
-            raise ProblemError(
-                400,
-                "Invalid NIfTI volume",
-                f"part {IMAGE_PART}: expected a 4D volume (X, Y, Z, {len(MODALITIES)}) with the channels "
-                f"{', '.join(MODALITIES)} on the last axis, got shape {data.shape}",
-            )
-        return np.ascontiguousarray(np.moveaxis(data, -1, 0), dtype=np.float32), geometry
-    first = MODALITIES[0]
-    reference = _read_header_geometry(first, upload.files[first])
-    if reference is None or (max_voxels is not None and math.prod(reference.shape) > max_voxels):
-        # the full read of the first part reports what is wrong with it (or, should it pass, its geometry)
-        reference = _read(first, upload.files[first], ndim=3, max_voxels=max_voxels)[1]
-    image = np.empty((len(MODALITIES), *reference.shape), dtype=np.float32)
-
-    def decode(index: int) -> Geometry:
-        part = MODALITIES[index]
-        path = upload.files[part]
-        if index > 0:
-            geometry = _read_header_geometry(part, path)
-            if geometry is not None and geometry.shape != reference.shape:
-                return geometry  # mismatched shape: reported below, nothing to decode
-        return _read(part, path, ndim=3, max_voxels=max_voxels, out=image[index])[1]
-
-    geometries = list(thread_pool().map(decode, range(len(MODALITIES))))
-    for part, geometry in zip(MODALITIES[1:], geometries[1:]):
-        _check_same_grid(part, geometry, geometries[0], first)
-    return image, geometries[0]
-
-
-def segment_upload(
-    upload: Upload,
-    engine: Engine,
-    *,
-    tta: bool,
-    max_voxels: int | None,
-    cancel: threading.Event | None = None,
-    postprocess: bool = True,
-) -> SegmentOutcome:
-    """Decode the parts, segment, score against the label if any, and encode the mask (blocking; run in a
-    worker thread). ``postprocess``: apply the model card's postprocessing rules (see :meth:`Engine.segment`).
-
-    Raises:
-        ProblemError: for every input problem (400, 413); see :func:`read_image`.
-        InferenceCancelled: ``cancel`` was set before the inference ended.
-    """
-    start = time.perf_counter()
-    image, geometry = read_image(upload, max_voxels=max_voxels)
-    ground_truth = None
-    if upload.label is not None:
-        ground_truth, label_geometry = _read(LABEL_PART, upload.label, ndim=3, max_voxels=max_voxels)
-        _check_same_grid(LABEL_PART, label_geometry, geometry, upload.image_parts[0])
-    decoded = time.perf_counter()
-    result = engine.segment(image, tta=tta, cancel=cancel, postprocess=postprocess, spacing=geometry.zooms)
-    del image
-    segmented = time.perf_counter()
-    metrics = None if ground_truth is None else region_metrics(result.labels, ground_truth, geometry.zooms)
-    volumes = volumes_ml(result.labels, geometry.zooms)
-    mask = mask_to_bytes(result.labels, geometry)
-    end = time.perf_counter()
-    engine_ms = result.timings_ms
-    timings = {
-        "decode": 1000 * (decoded - start),
-        "preprocess": engine_ms.get("preprocess", 0.0),
-        "inference": engine_ms.get("inference", 0.0),
-        "postprocess": engine_ms.get("postprocess", 0.0) + 1000 * (end - segmented),
-    }
-    return SegmentOutcome(
-        geometry=geometry,
-        volumes_ml=volumes,
-        metrics=metrics,
-        mask=mask,
-        timings_ms=timings,
-        engine_s=segmented - decoded,
-        postprocessed=result.postprocessed,
-    )
+    return ProblemError(400, "Mismatched volumes" if err.mismatched else "Invalid NIfTI volume", str(err))
 
 
 # ------------------------------------------------------------------------------------------ the route
 
 
-def _resolve_model(requested: str | None, registry: ModelRegistry) -> str:
+def _resolve_model(requested: str | None, catalogue: ModelCatalogue) -> str:
     """The model to use; the service serves the models it loaded even when another one failed to load."""
-    if not registry.models:
-        raise ProblemError(503, "Not ready", f"the service is not ready: {registry.reason}",
+    if not catalogue.models:
+        raise ProblemError(503, "Not ready", f"the service is not ready: {catalogue.reason}",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-    valid = registry.choices
-    if requested is None and registry.default is None:
+    valid = catalogue.choices
+    if requested is None and catalogue.default is None:
         raise ProblemError(
             503, "Not ready",
-            f"no default model is available ({registry.reason}); name one of {', '.join(valid)} in the query "
+            f"no default model is available ({catalogue.reason}); name one of {', '.join(valid)} in the query "
             "parameter 'model'",
             headers={"Retry-After": str(RETRY_AFTER_S)},
         )
-    name = registry.default if requested is None else requested
+    name = catalogue.default if requested is None else requested
     if name not in valid:
         raise ProblemError(
             422,
             "Unknown model",
             f"query parameter 'model': {name[:60]!r} is not a loaded model; choose one of {', '.join(valid)} "
-            f"(or leave it out for the default, {registry.default})",
+            f"(or leave it out for the default, {catalogue.default})",
         )
     return name
 
@@ -298,8 +139,8 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _run_while_connected(request: Request, registry: ModelRegistry, job: partial) -> SegmentOutcome:
-    """``registry.run(job)``, abandoned as soon as the client disconnects: a queued job leaves the queue, a
+async def _run_while_connected(request: Request, queue: InferenceQueue, job: partial, model: str) -> SegmentOutcome:
+    """``queue.run(job)``, abandoned as soon as the client disconnects: a queued job leaves the queue, a
     running one stops before its next network call (``job`` must take a ``cancel`` event), so that its slot
     frees within one tile instead of after the whole inference.
 
@@ -307,7 +148,7 @@ async def _run_while_connected(request: Request, registry: ModelRegistry, job: p
         ProblemError: 499 when the client went away (the reply reaches nobody; it is counted and logged).
     """
     cancel = threading.Event()
-    work = asyncio.ensure_future(registry.run(partial(job, cancel=cancel)))
+    work = asyncio.ensure_future(queue.run(partial(job, cancel=cancel), model=model))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -356,32 +197,35 @@ async def segment(
     request: Request,
     query: Annotated[SegmentQuery, Query()],
     settings: SettingsDep,
-    registry: RegistryDep,
+    catalogue: CatalogueDep,
+    queue: QueueDep,
 ) -> Response | SegmentResponse:
     started = time.perf_counter()
-    name = _resolve_model(query.model, registry)
+    name = _resolve_model(query.model, catalogue)
     request.state.model = name  # a label of the request metrics
-    engine = registry.engine(name)
+    engine = catalogue.engine(name)
     try:
-        registry.check_capacity()  # a busy service refuses before it takes in the body
+        queue.check_capacity()  # a busy service refuses before it takes in the body
     except QueueFullError as exc:
         raise _busy(exc) from None
     async with received_upload(
         request,
         tmp_dir=settings.tmp_dir,
         max_bytes=settings.max_upload_bytes,
-        timeout_s=settings.request_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
         deadline_s=settings.upload_timeout_s,
     ) as upload:
         job = partial(
-            segment_upload, upload, engine, tta=query.tta, postprocess=query.postprocess, max_voxels=settings.max_voxels
+            segment_files, upload.files, engine, tta=query.tta, postprocess=query.postprocess,
+            max_voxels=settings.max_voxels,
         )
         try:
-            outcome = await _run_while_connected(request, registry, job)
+            outcome = await _run_while_connected(request, queue, job, name)
         except QueueFullError as exc:
             raise _busy(exc) from None
+        except ScanError as exc:
+            raise _problem(exc) from None
         body_bytes = upload.body_bytes
-    registry.metrics.inference.labels(name).observe(outcome.engine_s)
     geometry = outcome.geometry
     timings = {key: _ms(value) for key, value in outcome.timings_ms.items()}
     timings["total"] = _ms(1000 * (time.perf_counter() - started))
