@@ -1,6 +1,7 @@
-"""Markdown tables of evaluation summaries, for docs/models.md: ``python scripts/models_table.py NAME=DIR ...``.
+"""Markdown tables of evaluation summaries, for docs/models.md: ``python scripts/models_table.py NAME=SOURCE ...``.
 
-Each ``DIR`` is an ``evaluate --out`` folder (its ``summary.json``); ``NAME`` labels its rows. Prints the
+Each ``SOURCE`` is an ``evaluate --out`` folder (its ``summary.json``) or a model card ``NAME.json`` (its
+``validation``, written by ``evaluate --update-card``); ``NAME`` labels its rows. Prints the
 overall table (Dice, HD95 and lesion-wise Dice per region, false positives on tumour-free brains), the
 table per case kind, and the targets of the demo models with whether each summary meets them.
 """
@@ -67,10 +68,14 @@ def main(argv: list[str]) -> int:
         return 2
     runs = {}
     for arg in argv:
-        name, folder = arg.split("=", 1)
-        path = Path(folder) / "summary.json"
+        name, source = arg.split("=", 1)
+        path = Path(source)
+        if path.is_file() and path.suffix == ".json":  # a model card
+            runs[name] = json.loads(path.read_text())["validation"]
+            continue
+        path = path / "summary.json"
         if not path.is_file():
-            print(f"error: {path} not found; run `python -m training evaluate --out {folder}` first", file=sys.stderr)
+            print(f"error: {path} not found; run `python -m training evaluate --out {source}` first", file=sys.stderr)
             return 2
         runs[name] = json.loads(path.read_text())
     print(overall(runs), "", by_kind(runs), "", targets(runs), sep="\n")
