@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=("brats2020", "msd"), default="brats2020", help="on-disk layout (default brats2020)")
     p.add_argument("--size", type=_ints, default=(240, 240, 155), help="grid size X,Y,Z (default 240,240,155)")
     p.add_argument("--spacing", type=_floats, default=(1.0, 1.0, 1.0), help="voxel size in mm (default 1,1,1)")
+    p.add_argument("--format", choices=("nifti", "dicom", "both"), default="nifti",
+                   help="nifti: the cases only (default); dicom or both: the cases (they hold the labels) and a "
+                        "DICOM MR study per case in OUT/dicom/CASE_ID/<modality>/")
 
     p = sub.add_parser("preprocess", help="crop, normalise and cache cases for training")
     p.add_argument("data", type=Path, help="a BraTS 2020 or MSD Task01 folder (or a folder holding one)")
@@ -184,6 +187,12 @@ def _synth(args, command: str) -> int:
     paths = generate_dataset(args.out, args.cases, seed=args.seed, layout=args.layout, size=args.size,
                              spacing=args.spacing, start_index=args.start_index, progress=True)
     print(f"wrote {len(paths)} synthetic cases under {args.out}")
+    if args.format != "nifti":
+        from training.data.synthetic.dicom_study import write_dicom_study
+
+        for path in paths:
+            write_dicom_study(path, args.out / "dicom")
+        print(f"wrote {len(paths)} DICOM studies under {args.out / 'dicom'}")
     return 0
 
 
