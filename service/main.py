@@ -24,6 +24,7 @@ from service.api.routes import health, metrics, models, segment
 from service.api.request_context import RequestContextMiddleware
 from service.api.upload_folders import remove_stale_folders
 from service.catalogue import ModelCatalogue
+from service.core.series_rules import load_rules
 from service.inference.queue import InferenceQueue
 from service.observability import Metrics
 from service.settings import Settings, get_settings
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None, *, catalogue: ModelCatalogue | 
     app.state.settings = settings
     app.state.catalogue = catalogue
     app.state.queue = queue
+    app.state.series_rules = load_rules(settings.series_rules)
     app.state.metrics = app_metrics
 
     install_error_handlers(app)

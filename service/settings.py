@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.inference.backends import DEFAULT_CUDNN_CONV_ALGO_SEARCH, BackendOptions
@@ -120,6 +120,38 @@ class Settings(BaseSettings):
     upload_timeout_s: float = Field(default=600.0, gt=0)
     """Longest time for a whole request body, in seconds (default 10 min: 1 GiB at about 2 MB/s); a client
     that trickles its upload more slowly is cut off (408)."""
+
+    max_dicom_instances: int = Field(default=5000, ge=1)
+    """Most DICOM instances (files and zip members) in one request; more is refused with 413."""
+
+    max_dicom_bytes: int = Field(default=4 << 30, ge=1)
+    """Most bytes the zips of one request may inflate to (default 4 GiB); more is refused with 413."""
+
+    series_rules: Path | None = None
+    """JSON file of the rules that tell FLAIR, T1, T1ce and T2 series apart by SeriesDescription; unset: the
+    built-in rules (docs/dicom.md)."""
+
+    dicomweb_url: str | None = None
+    """DICOMweb root of the PACS for ``/dicomweb/studies/{uid}/segment``, e.g. ``http://orthanc:8042/dicom-web``;
+    unset turns that route off (503)."""
+
+    dicomweb_username: str | None = None
+    """User name for the PACS (HTTP basic authentication); unset: none."""
+
+    dicomweb_password: SecretStr | None = None
+    """Password for the PACS, with ``BRATS_DICOMWEB_USERNAME``."""
+
+    dicomweb_timeout_s: float = Field(default=60.0, gt=0)
+    """Longest wait for one answer of the PACS, in seconds (502 after it)."""
+
+    @field_validator("series_rules")
+    @classmethod
+    def _rules_readable(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            from service.core.series_rules import load_rules
+
+            load_rules(value)  # a bad file stops the service at start, with its reason
+        return value
 
     @field_validator("api_keys", "providers", mode="before")
     @classmethod

@@ -34,8 +34,9 @@ class SegmentQuery(BaseModel):
         description="A model name listed by GET /models, or `ensemble` (the average of all loaded models). "
         "Default: the configured default model.",
     )
-    format: Literal["json", "nifti"] = Field(
-        "json", description="`json`: the summary with the mask in base64; `nifti`: the mask as .nii.gz."
+    format: Literal["json", "nifti", "dicom-seg"] = Field(
+        "json", description="`json`: the summary with the mask in base64; `nifti`: the mask as .nii.gz; "
+        "`dicom-seg` (DICOM input only): a DICOM Segmentation referencing the T1ce series."
     )
     tta: bool = Field(
         False, description="Test-time augmentation: average the predictions over mirrored inputs (8 for 3D models)."
@@ -110,6 +111,10 @@ class SegmentSummary(BaseModel):
         "postprocess=false or the model has none)."
     )
     timing_ms: Timings
+    series: dict[str, str] | None = Field(
+        default=None, description="DICOM input only: the SeriesDescription of the series used for each modality "
+        "(the mask lies on the grid of the t1ce series)."
+    )
 
 
 class SegmentResponse(SegmentSummary):

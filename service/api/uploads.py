@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
@@ -42,20 +41,12 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.api.errors import ProblemError
 from service.api.upload_folders import storage_error, temporary_folder
-from service.core.labels import MODALITIES
-from service.core.scan import IMAGE_PART, KNOWN_PARTS, LABEL_PART, image_parts
+from service.api.upload_parts import DICOM_PART, EXPECTED_PARTS, begin_part, check_complete, part_rule_error
+from service.core.scan import LABEL_PART, image_parts
 
-__all__ = ["EXPECTED_PARTS", "Upload", "check_content_type", "receive_multipart", "received_upload"]
+__all__ = ["Upload", "check_content_type", "receive_multipart", "received_upload"]
 
 logger = logging.getLogger(__name__)
-
-EXPECTED_PARTS = (
-    f"send either four parts named {', '.join(MODALITIES[:-1])} and {MODALITIES[-1]} (3D volumes of one shape "
-    f"and affine) or one part named {IMAGE_PART} (a 4D volume (X, Y, Z, 4), channels in the order "
-    f"{', '.join(MODALITIES)}), and optionally one part named {LABEL_PART} (a 3D ground truth with labels "
-    "0, 1, 2, 4); each part a .nii or .nii.gz file"
-)
-"""What a client must send; the ``detail`` of every part-rule error ends with it."""
 
 CLIENT_CLOSED_REQUEST = 499
 """Status recorded (metrics, access log) for a request whose client left before its answer; nobody gets it."""
@@ -63,17 +54,15 @@ CLIENT_CLOSED_REQUEST = 499
 FLUSH_BYTES = 1 << 20
 """Part data is buffered up to this many bytes, then written to disk in a worker thread."""
 
-_MAX_NAME_SHOWN = 40
-
-
 @dataclass(frozen=True)
 class Upload:
     """A received, well-formed upload (the part rules hold; the contents are not checked yet).
 
     Attributes:
         folder: The request's private temporary folder, which holds the files.
-        files: Part name -> its file in ``folder`` (a random name).
-        sizes: Part name -> its size in bytes.
+        files: Part name -> its file in ``folder`` (a random name); the NIfTI parts and the label.
+        sizes: Part name -> its size in bytes (all ``dicom`` parts together).
+        dicom: The files of the ``dicom`` parts, in the order received.
         body_bytes: Size of the whole multipart body.
     """
 
@@ -81,6 +70,7 @@ class Upload:
     files: Mapping[str, Path]
     sizes: Mapping[str, int]
     body_bytes: int
+    dicom: tuple[Path, ...] = ()
 
     @property
     def image_parts(self) -> tuple[str, ...]:
@@ -95,20 +85,6 @@ class Upload:
 
 def _bad_request(detail: str, *, title: str = "Invalid upload") -> ProblemError:
     return ProblemError(400, title, detail)
-
-
-def _part_rule_error(problem: str) -> ProblemError:  # the rules, restated after what broke them
-    return _bad_request(f"{problem}; {EXPECTED_PARTS}")
-
-
-_PLAIN_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{_MAX_NAME_SHOWN}}}")
-
-
-def _shown(name: str) -> str:
-    """A client-chosen part name for an error detail: quoted when it is a short plain token (``seg``,
-    ``FLAIR``), else not shown at all, since a damaged header can run the part name into the file name, which
-    may carry patient data."""
-    return repr(name) if _PLAIN_NAME.fullmatch(name) else "with a name that is not a plain word"
 
 
 def check_content_type(headers: Headers | Mapping[str, str]) -> bytes:
@@ -238,35 +214,6 @@ class _Events:
         self.items.append(("begin", options.get(b"name") if kind == b"form-data" else None))
 
 
-def _begin_part(raw: bytes | None, received: Mapping[str, object]) -> str:
-    """The name of a new part, checked against the part rules given the parts ``received`` so far."""
-    if raw is None:
-        raise _bad_request(
-            "every part needs a Content-Disposition: form-data header with a name; " + EXPECTED_PARTS
-        )
-    name = raw.decode("utf-8", errors="replace")
-    if name not in KNOWN_PARTS:
-        raise _part_rule_error(f"unknown part {_shown(name)}")
-    if name in received:
-        raise _part_rule_error(f"part {name!r} was sent more than once")
-    modalities = [m for m in MODALITIES if m in received]
-    if name == IMAGE_PART and modalities:
-        raise _part_rule_error(f"part 'image' was sent together with modality parts ({', '.join(modalities)})")
-    if name in MODALITIES and IMAGE_PART in received:
-        raise _part_rule_error(f"modality part {name!r} was sent together with part 'image'")
-    return name
-
-
-def _check_complete(received: Mapping[str, object]) -> None:
-    if IMAGE_PART in received:
-        return
-    missing = [m for m in MODALITIES if m not in received]
-    if len(missing) == len(MODALITIES):
-        raise _part_rule_error("no image parts were sent")
-    if missing:
-        raise _part_rule_error(f"missing part{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
-
-
 def _timed_out(detail: str) -> ProblemError:
     return ProblemError(408, "Request Timeout", detail, headers={"Connection": "close"})
 
@@ -309,6 +256,7 @@ async def receive_multipart(
     max_bytes: int,
     idle_timeout_s: float | None = None,
     deadline_s: float | None = None,
+    max_dicom_parts: int = 5000,
 ) -> Upload:
     """Parse a multipart body from ``chunks`` into files in ``folder`` while checking the part rules.
 
@@ -319,12 +267,13 @@ async def receive_multipart(
         max_bytes: Largest body accepted; the reading stops as soon as it is exceeded.
         idle_timeout_s: Longest wait for the next chunk (``None``: no limit).
         deadline_s: Longest time for the whole body (``None``: no limit).
+        max_dicom_parts: Most ``dicom`` parts accepted (413 beyond).
 
     Raises:
-        ProblemError: 413 over ``max_bytes``; 408 when a chunk or the whole body is late; 499 when the client
+        ProblemError: 413 over ``max_bytes`` or ``max_dicom_parts``; 408 when a chunk or the whole body is late; 499 when the client
             disconnects; 400 for a malformed or incomplete body or a part-rule violation.
     """
-    receiver = _Receiver(boundary, folder, max_bytes=max_bytes)
+    receiver = _Receiver(boundary, folder, max_bytes=max_bytes, max_dicom_parts=max_dicom_parts)
     try:
         async with aclosing(_time_limited(chunks, idle_timeout_s, deadline_s)) as body:
             async for chunk in body:
@@ -342,7 +291,7 @@ async def receive_multipart(
 class _Receiver:
     """The state of one multipart body being received: the parser, the files so far, the part being written."""
 
-    def __init__(self, boundary: bytes, folder: Path, *, max_bytes: int) -> None:
+    def __init__(self, boundary: bytes, folder: Path, *, max_bytes: int, max_dicom_parts: int = 5000) -> None:
         self._events = _Events()
         try:
             self._parser = MultipartParser(boundary, self._events.callbacks())
@@ -351,6 +300,8 @@ class _Receiver:
         self._folder = folder
         self._max_bytes = max_bytes
         self._files: dict[str, Path] = {}
+        self._dicom: list[Path] = []
+        self._max_dicom_parts = max_dicom_parts
         self._sizes: dict[str, int] = {}
         self._current: _PartWriter | None = None
         self._total = 0
@@ -373,17 +324,20 @@ class _Receiver:
 
     async def _handle(self, kind: str, payload: bytes) -> None:
         if kind == "begin":
-            name = _begin_part(payload, self._files)
+            name = begin_part(payload, self._files, len(self._dicom), max_dicom_parts=self._max_dicom_parts)
             self._current = _PartWriter(name, self._folder)
-            self._files[name] = self._current.path
+            if name == DICOM_PART:
+                self._dicom.append(self._current.path)
+            else:
+                self._files[name] = self._current.path
         elif kind == "data" and self._current is not None:
             await self._current.write(payload)
         elif kind == "end" and self._current is not None:
             part, self._current = self._current, None
             await part.finish()
-            self._sizes[part.name] = part.size
+            self._sizes[part.name] = self._sizes.get(part.name, 0) + part.size
             if part.size == 0:
-                raise _part_rule_error(f"part {part.name!r} is empty")
+                raise part_rule_error(f"part {part.name!r} is empty")
 
     def abandon(self) -> None:
         """Close the file of a part left unfinished (the folder's removal deletes it)."""
@@ -398,10 +352,11 @@ class _Receiver:
                 "the multipart/form-data body ends before its closing boundary (truncated upload?)",
                 title="Incomplete request",
             )
-        _check_complete(self._files)
+        check_complete(self._files, len(self._dicom))
         return Upload(
             folder=self._folder,
             files=MappingProxyType(dict(self._files)),
+            dicom=tuple(self._dicom),
             sizes=MappingProxyType(dict(self._sizes)),
             body_bytes=self._total,
         )
@@ -415,6 +370,7 @@ async def received_upload(
     max_bytes: int,
     idle_timeout_s: float,
     deadline_s: float | None = None,
+    max_dicom_parts: int = 5000,
 ) -> AsyncIterator[Upload]:
     """Receive the request's multipart body into a private temporary folder that lives as long as the block.
 
@@ -427,6 +383,7 @@ async def received_upload(
         max_bytes: Largest body accepted (413 beyond).
         idle_timeout_s: Longest wait for the next chunk of the body, in seconds (408 beyond).
         deadline_s: Longest time for the whole body, in seconds (408 beyond; ``None``: no limit).
+        max_dicom_parts: Most ``dicom`` parts accepted (413 beyond).
 
     Yields:
         The :class:`Upload`.
@@ -435,7 +392,8 @@ async def received_upload(
     _check_content_length(request.headers, max_bytes)
     async with temporary_folder(tmp_dir) as folder:
         upload = await receive_multipart(
-            request.stream(), boundary, folder, max_bytes=max_bytes, idle_timeout_s=idle_timeout_s, deadline_s=deadline_s
+            request.stream(), boundary, folder, max_bytes=max_bytes, idle_timeout_s=idle_timeout_s,
+            deadline_s=deadline_s, max_dicom_parts=max_dicom_parts,
         )
         logger.debug(
             "upload received: %d bytes, parts %s",

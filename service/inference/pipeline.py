@@ -13,18 +13,25 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from service.core.geometry import Geometry
+from service.core.dicom_scan import load_dicom_files
+from service.core.dicom_seg import segmentation, segmentation_bytes
+from service.core.geometry import Geometry, grid_mismatch
+from service.core.nifti import NiftiError, load_label
 from service.core.nifti_write import mask_to_bytes
-from service.core.scan import Scan, load_scan
+from service.core.scan import LABEL_PART, Scan, ScanError, load_scan
+from service.core.series_rules import SeriesRules
 from service.core.scoring import region_metrics, volumes_ml
 from service.inference.engine import Engine
 
-__all__ = ["SegmentOutcome", "segment_files", "segment_scan"]
+__all__ = ["SegmentOutcome", "segment_dicom", "segment_files", "segment_scan"]
+
+MaskFormat = Literal["nifti", "dicom-seg"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +47,9 @@ class SegmentOutcome:
         timings_ms: ``decode`` (reading the parts; 0 for a scan already in memory), ``preprocess``,
             ``inference`` and ``postprocess`` (labels, postprocessing rules, scoring, volumes and encoding).
         postprocessed: Whether the model card's postprocessing rules were applied.
-        mask: The mask as ``.nii.gz`` bytes when encoding was asked for, else ``None``.
+        mask: The mask as ``.nii.gz`` bytes (or a DICOM Segmentation, for DICOM input) when encoding was asked
+            for, else ``None``.
+        series: DICOM input only: modality -> the description of the series used.
     """
 
     labels: np.ndarray = field(repr=False)
@@ -50,6 +59,7 @@ class SegmentOutcome:
     timings_ms: dict[str, float]
     postprocessed: bool = False
     mask: bytes | None = field(default=None, repr=False)
+    series: dict[str, str] | None = None
 
 
 def segment_scan(
@@ -123,3 +133,67 @@ def segment_files(
     return segment_scan(
         scan, engine, tta=tta, postprocess=postprocess, encode=encode, cancel=cancel, decode_ms=decode_ms
     )
+
+
+def _dicom_label(path: Path, max_voxels: int | None):
+    """A ground truth for DICOM input: a NIfTI label on the reference series' grid."""
+    try:
+        return load_label(path, max_voxels=max_voxels)
+    except NiftiError as err:
+        raise ScanError(LABEL_PART, err.reason, too_large="more than the limit" in err.reason) from None
+
+
+def segment_dicom(
+    files: list[Path],
+    engine: Engine,
+    rules: SeriesRules,
+    *,
+    label: Path | None = None,
+    tta: bool = False,
+    postprocess: bool = True,
+    encode: MaskFormat | None = "nifti",
+    model: str = "",
+    software_version: str = "",
+    max_voxels: int | None = None,
+    max_instances: int = 5000,
+    max_bytes: int = 4 << 30,
+    cancel: threading.Event | None = None,
+) -> SegmentOutcome:
+    """Segment a DICOM study: pick and read its four series (:func:`service.core.dicom_scan.load_dicom_files`),
+    segment, and give the labels, volumes and mask on the grid of its T1ce series; with ``label`` (a NIfTI
+    ground truth on that grid), the scores too.
+
+    Args:
+        encode: ``nifti`` (the mask as ``.nii.gz`` on the reference grid), ``dicom-seg`` (a DICOM Segmentation
+            referencing the T1ce series; ``model`` and ``software_version`` identify the algorithm), or ``None``.
+
+    Raises:
+        DicomInputError: the study cannot be read or does not give the four modalities.
+        ScanError: the label cannot be read or does not lie on the reference grid.
+        InferenceCancelled: ``cancel`` was set before the inference ended.
+    """
+    start = time.perf_counter()
+    truth = None if label is None else _dicom_label(label, max_voxels)
+    study = load_dicom_files(files, rules, max_voxels=max_voxels, max_instances=max_instances, max_bytes=max_bytes)
+    scan = study.scan
+    if truth is not None:
+        mismatch = grid_mismatch(truth[1], study.reference_geometry)
+        if mismatch is not None:
+            raise ScanError(LABEL_PART, f"{mismatch}, compared with the t1ce series; the label must lie on its grid",
+                            mismatched=True)
+        scan = replace(scan, label=study.to_scan(truth[0]))
+    decode_ms = 1000 * (time.perf_counter() - start)
+    outcome = segment_scan(scan, engine, tta=tta, postprocess=postprocess, cancel=cancel, decode_ms=decode_ms)
+    encoding = time.perf_counter()
+    labels = study.to_reference(outcome.labels)
+    mask = None
+    if encode == "nifti":
+        mask = mask_to_bytes(labels, study.reference_geometry)
+    elif encode == "dicom-seg":
+        seg = segmentation(labels, study.reference_instances, model=model, model_sha256=engine.model_sha256,
+                           software_version=software_version)
+        mask = segmentation_bytes(seg)
+    timings = dict(outcome.timings_ms)
+    timings["postprocess"] += 1000 * (time.perf_counter() - encoding)
+    return replace(outcome, labels=labels, geometry=study.reference_geometry, mask=mask, timings_ms=timings,
+                   series=study.used())

@@ -15,8 +15,8 @@ import stat
 import pytest
 
 from service.api.errors import ProblemError
+from service.api.upload_parts import EXPECTED_PARTS
 from service.api.uploads import (
-    EXPECTED_PARTS,
     FLUSH_BYTES,
     Upload,
     check_content_type,

@@ -132,7 +132,8 @@ def _brats_case(folder: Path) -> Case:
 
 
 def _holds_brats_cases(folder: Path) -> bool:
-    return any(BRATS_CASE_RE.match(p.name) for p in _visible_dirs(folder))
+    """Whether ``folder`` holds BraTS case folders with NIfTI files (not, e.g., DICOM studies named by case)."""
+    return any(BRATS_CASE_RE.match(p.name) and any(p.glob("*.nii*")) for p in _visible_dirs(folder))
 
 
 def find_brats2020_cases(root: Path | str) -> list[Case]:

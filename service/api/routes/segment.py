@@ -19,16 +19,20 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 
 from service.api.deps import CatalogueDep, QueueDep, SettingsDep
 from service.api.errors import OPTIONAL_API_KEY, ProblemError, problem_responses
 from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, SegmentSummary
-from service.api.uploads import CLIENT_CLOSED_REQUEST, EXPECTED_PARTS, received_upload
+from service.settings import Settings
+from service.api.upload_parts import DICOM_PART, EXPECTED_PARTS
+from service.api.uploads import CLIENT_CLOSED_REQUEST, Upload, received_upload
 from service.catalogue import ModelCatalogue
 from service.core.labels import MODALITIES
+from service.core.dicom_series import DicomInputError
 from service.core.scan import IMAGE_PART, LABEL_PART, ScanError
 from service.inference.engine import Engine, InferenceCancelled
-from service.inference.pipeline import SegmentOutcome, segment_files
+from service.inference.pipeline import SegmentOutcome, segment_dicom, segment_files
 from service.inference.queue import InferenceQueue, QueueFullError
 
 __all__ = ["router"]
@@ -52,11 +56,14 @@ _MULTIPART_BODY = {
                     **{m: {"type": "string", "format": "binary", "description": f"{m} (3D)"} for m in MODALITIES},
                     IMAGE_PART: {"type": "string", "format": "binary", "description": "(X, Y, Z, 4) in channel order"},
                     LABEL_PART: {"type": "string", "format": "binary", "description": "ground truth, labels 0/1/2/4"},
+                    DICOM_PART: {"type": "string", "format": "binary", "description": "a DICOM file or a zip of "
+                                 "DICOM files of the study's MR series; repeat the part for more"},
                 },
                 "additionalProperties": False,
                 "oneOf": [
                     {"required": list(MODALITIES), "not": {"required": [IMAGE_PART]}},
                     {"required": [IMAGE_PART], "not": {"anyOf": [{"required": [m]} for m in MODALITIES]}},
+                    {"required": [DICOM_PART], "not": {"required": [IMAGE_PART]}},
                 ],
             }
         }
@@ -65,12 +72,13 @@ _MULTIPART_BODY = {
 
 _RESPONSES: dict[int | str, dict] = {
     200: {
-        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}}},
-        "description": "JSON summary with the mask in base64 (format=json), or the mask as .nii.gz (format=nifti) "
-        "with the summary in the header X-Segment-Summary.",
+        "content": {"application/gzip": {"schema": {"type": "string", "format": "binary"}},
+                    "application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON summary with the mask in base64 (format=json), the mask as .nii.gz (format=nifti) or "
+        "a DICOM Segmentation (format=dicom-seg), with the summary in the header X-Segment-Summary.",
         "headers": {
             "X-Segment-Summary": {
-                "description": "format=nifti only: the JSON summary without `mask`, compact.",
+                "description": "format=nifti or dicom-seg: the JSON summary without `mask`, compact.",
                 "schema": {"type": "string"},
             }
         },
@@ -82,7 +90,8 @@ _RESPONSES: dict[int | str, dict] = {
             408: "The body did not arrive in time.",
             413: "Upload over the byte limit, or a volume over the voxel limit.",
             415: "The body is not multipart/form-data.",
-            422: "Invalid query parameters (unknown model, format, ...).",
+            422: "Invalid query parameters (unknown model, format, ...), or DICOM series that do not give the four "
+            "modalities (the detail names the series found).",
             503: "Not ready, or the inference queue is full (see Retry-After).",
         },
         headers={503: {"Retry-After": "Seconds to wait before sending the request again."}},
@@ -171,6 +180,26 @@ async def _run_while_connected(request: Request, queue: InferenceQueue, job: par
         raise _gone() from None
 
 
+_DICOM_TITLES = {400: "Invalid DICOM input", 413: "Too Large", 422: "Unusable series"}
+_FILES = {"nifti": ("application/gzip", "mask.nii.gz"), "dicom-seg": ("application/dicom", "seg.dcm")}
+
+
+def _job(upload: Upload, engine: Engine, name: str, query: SegmentQuery, settings: Settings, app) -> partial:
+    """The pipeline call for this upload: NIfTI parts, or a DICOM study (the only input a SEG can refer to)."""
+    common = {"tta": query.tta, "postprocess": query.postprocess, "max_voxels": settings.max_voxels}
+    if upload.dicom:
+        return partial(
+            segment_dicom, list(upload.dicom), engine, app.state.series_rules, label=upload.label,
+            encode="dicom-seg" if query.format == "dicom-seg" else "nifti", model=name,
+            software_version=app.version, max_instances=settings.max_dicom_instances,
+            max_bytes=settings.max_dicom_bytes, **common,
+        )
+    if query.format == "dicom-seg":
+        raise ProblemError(400, "Invalid upload", "format=dicom-seg needs DICOM input (dicom parts): a DICOM "
+                           "Segmentation must reference the images it segments; use format=nifti for NIfTI input")
+    return partial(segment_files, upload.files, engine, **common)
+
+
 def _busy(exc: QueueFullError) -> ProblemError:
     return ProblemError(503, "Service Unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -214,17 +243,17 @@ async def segment(
         max_bytes=settings.max_upload_bytes,
         idle_timeout_s=settings.idle_timeout_s,
         deadline_s=settings.upload_timeout_s,
+        max_dicom_parts=settings.max_dicom_instances,
     ) as upload:
-        job = partial(
-            segment_files, upload.files, engine, tta=query.tta, postprocess=query.postprocess,
-            max_voxels=settings.max_voxels,
-        )
+        job = _job(upload, engine, name, query, settings, request.app)
         try:
             outcome = await _run_while_connected(request, queue, job, name)
         except QueueFullError as exc:
             raise _busy(exc) from None
         except ScanError as exc:
             raise _problem(exc) from None
+        except DicomInputError as exc:
+            raise ProblemError(exc.status, _DICOM_TITLES[exc.status], exc.reason) from None
         body_bytes = upload.body_bytes
     geometry = outcome.geometry
     timings = {key: _ms(value) for key, value in outcome.timings_ms.items()}
@@ -241,18 +270,23 @@ async def segment(
         hd95_mm=None if outcome.metrics is None else outcome.metrics["hd95_mm"],
         postprocessed=outcome.postprocessed,
         timing_ms=timings,
+        series=outcome.series,
     )
     logger.info(
         "segmented with %s (tta=%s, postprocessed=%s, format=%s): shape %s, %d bytes in, timings %s",
         name, query.tta, outcome.postprocessed, query.format, "x".join(map(str, geometry.shape)), body_bytes, timings,
     )
-    if query.format == "nifti":
+    body = summary.model_dump(mode="json")
+    if body["series"] is None:  # NIfTI input: the summary as it has always been
+        del body["series"]
+    if query.format in _FILES:
+        media_type, filename = _FILES[query.format]
         return Response(
             content=outcome.mask,
-            media_type="application/gzip",
+            media_type=media_type,
             headers={
-                "Content-Disposition": 'attachment; filename="mask.nii.gz"',
-                "X-Segment-Summary": json.dumps(summary.model_dump(mode="json"), separators=(",", ":")),
+                "Content-Disposition": f'attachment; filename="{filename}"',
+                "X-Segment-Summary": json.dumps(body, separators=(",", ":")),
             },
         )
-    return SegmentResponse(**summary.model_dump(), mask=base64.b64encode(outcome.mask).decode("ascii"))
+    return JSONResponse({**body, "mask": base64.b64encode(outcome.mask).decode("ascii")})
