@@ -10,11 +10,14 @@ from service.core.labels import LABELS
 
 __all__ = [
     "BRATS_LABELS",
+    "PacsQuery",
+    "PacsSegmentResponse",
     "RegionDice",
     "RegionHD95",
     "SegmentQuery",
     "SegmentResponse",
     "SegmentSummary",
+    "StoredSeg",
     "Timings",
     "Volumes",
 ]
@@ -123,3 +126,26 @@ class SegmentResponse(SegmentSummary):
     mask: str = Field(
         description="Base64 of the mask as .nii.gz: uint8 labels 0/1/2/4 on the input's geometry, no free text."
     )
+
+
+class PacsQuery(BaseModel):
+    """Query parameters of ``POST /dicomweb/studies/{study}/segment``; unknown parameters are refused (422)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = SegmentQuery.model_fields["model"]
+    tta: bool = SegmentQuery.model_fields["tta"]
+    postprocess: bool = SegmentQuery.model_fields["postprocess"]
+
+
+class StoredSeg(BaseModel):
+    """The DICOM Segmentation stored in the study on the PACS."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+class PacsSegmentResponse(SegmentSummary):
+    """Response of ``POST /dicomweb/studies/{study}/segment``: the summary, the series used and the SEG stored."""
+
+    stored: StoredSeg

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from nibabel import orientations
@@ -25,7 +24,6 @@ from service.core.dicom_series import (
     DicomInputError,
     Series,
     group_series,
-    read_instances,
     series_volume,
     sorted_instances,
 )
@@ -34,7 +32,7 @@ from service.core.labels import MODALITIES
 from service.core.scan import Scan
 from service.core.series_rules import SeriesRules, select_series
 
-__all__ = ["BRATS_AXES", "DicomScan", "load_dicom_files", "load_dicom_scan", "resample_to"]
+__all__ = ["BRATS_AXES", "DicomScan", "load_dicom_scan", "resample_to"]
 
 BRATS_AXES = ("L", "P", "S")
 """The orientation of BraTS volumes (nibabel axis codes), which the networks were trained on."""
@@ -141,10 +139,3 @@ def load_dicom_scan(
         series=chosen,
         _transform=transform,
     )
-
-
-def load_dicom_files(paths: Iterable[Path], rules: SeriesRules, **kwargs) -> DicomScan:
-    """:func:`load_dicom_scan` of the instances in ``paths`` (DICOM files or zips; see
-    :func:`service.core.dicom_series.read_instances`, whose ``max_instances`` and ``max_bytes`` it passes on)."""
-    limits = {k: kwargs.pop(k) for k in ("max_instances", "max_bytes") if k in kwargs}
-    return load_dicom_scan(read_instances(paths, **limits), rules, **kwargs)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydicom.dataset import Dataset
 
-from service.core.dicom_scan import load_dicom_files
+from service.core.dicom_scan import load_dicom_scan
+from service.core.dicom_series import read_instances
 from service.core.dicom_seg import segmentation, segmentation_bytes
 from service.core.geometry import Geometry, grid_mismatch
 from service.core.nifti import NiftiError, load_label
@@ -144,7 +146,7 @@ def _dicom_label(path: Path, max_voxels: int | None):
 
 
 def segment_dicom(
-    files: list[Path],
+    source: list[Path] | list[Dataset],
     engine: Engine,
     rules: SeriesRules,
     *,
@@ -159,9 +161,10 @@ def segment_dicom(
     max_bytes: int = 4 << 30,
     cancel: threading.Event | None = None,
 ) -> SegmentOutcome:
-    """Segment a DICOM study: pick and read its four series (:func:`service.core.dicom_scan.load_dicom_files`),
+    """Segment a DICOM study: pick and read its four series (:func:`service.core.dicom_scan.load_dicom_scan`),
     segment, and give the labels, volumes and mask on the grid of its T1ce series; with ``label`` (a NIfTI
-    ground truth on that grid), the scores too.
+    ground truth on that grid), the scores too. ``source``: the uploaded files (DICOM files or zips, read within
+    ``max_instances`` and ``max_bytes``) or datasets already read (e.g. fetched from a PACS).
 
     Args:
         encode: ``nifti`` (the mask as ``.nii.gz`` on the reference grid), ``dicom-seg`` (a DICOM Segmentation
@@ -174,7 +177,10 @@ def segment_dicom(
     """
     start = time.perf_counter()
     truth = None if label is None else _dicom_label(label, max_voxels)
-    study = load_dicom_files(files, rules, max_voxels=max_voxels, max_instances=max_instances, max_bytes=max_bytes)
+    datasets = [d for d in source if isinstance(d, Dataset)]
+    if len(datasets) != len(source):
+        datasets = read_instances(source, max_instances=max_instances, max_bytes=max_bytes)
+    study = load_dicom_scan(datasets, rules, max_voxels=max_voxels)
     scan = study.scan
     if truth is not None:
         mismatch = grid_mismatch(truth[1], study.reference_geometry)

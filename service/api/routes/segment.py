@@ -19,11 +19,20 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 
 from service.api.deps import CatalogueDep, QueueDep, SettingsDep
 from service.api.errors import OPTIONAL_API_KEY, ProblemError, problem_responses
-from service.api.schemas import BRATS_LABELS, SegmentQuery, SegmentResponse, SegmentSummary
+from service.api.schemas import (
+    BRATS_LABELS,
+    PacsQuery,
+    PacsSegmentResponse,
+    SegmentQuery,
+    SegmentResponse,
+    SegmentSummary,
+    StoredSeg,
+)
 from service.settings import Settings
 from service.api.upload_parts import DICOM_PART, EXPECTED_PARTS
 from service.api.uploads import CLIENT_CLOSED_REQUEST, Upload, received_upload
@@ -32,6 +41,8 @@ from service.core.labels import MODALITIES
 from service.core.dicom_series import DicomInputError
 from service.core.scan import IMAGE_PART, LABEL_PART, ScanError
 from service.inference.engine import Engine, InferenceCancelled
+from service.dicomweb import Pacs, PacsError
+from service.inference.pacs_study import segment_pacs_study
 from service.inference.pipeline import SegmentOutcome, segment_dicom, segment_files
 from service.inference.queue import InferenceQueue, QueueFullError
 
@@ -200,6 +211,25 @@ def _job(upload: Upload, engine: Engine, name: str, query: SegmentQuery, setting
     return partial(segment_files, upload.files, engine, **common)
 
 
+def _summary(outcome: SegmentOutcome, name: str, engine: Engine, started: float) -> SegmentSummary:
+    timings = {key: _ms(value) for key, value in outcome.timings_ms.items()}
+    timings["total"] = _ms(1000 * (time.perf_counter() - started))
+    return SegmentSummary(
+        model=name,
+        model_sha256=engine.model_sha256,
+        provider=_provider(engine),
+        shape=outcome.geometry.shape,
+        spacing_mm=outcome.geometry.zooms,
+        labels=BRATS_LABELS,
+        volumes_ml=outcome.volumes_ml,
+        dice=None if outcome.metrics is None else outcome.metrics["dice"],
+        hd95_mm=None if outcome.metrics is None else outcome.metrics["hd95_mm"],
+        postprocessed=outcome.postprocessed,
+        timing_ms=timings,
+        series=outcome.series,
+    )
+
+
 def _busy(exc: QueueFullError) -> ProblemError:
     return ProblemError(503, "Service Unavailable", str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
 
@@ -255,23 +285,8 @@ async def segment(
         except DicomInputError as exc:
             raise ProblemError(exc.status, _DICOM_TITLES[exc.status], exc.reason) from None
         body_bytes = upload.body_bytes
-    geometry = outcome.geometry
-    timings = {key: _ms(value) for key, value in outcome.timings_ms.items()}
-    timings["total"] = _ms(1000 * (time.perf_counter() - started))
-    summary = SegmentSummary(
-        model=name,
-        model_sha256=engine.model_sha256,
-        provider=_provider(engine),
-        shape=geometry.shape,
-        spacing_mm=geometry.zooms,
-        labels=BRATS_LABELS,
-        volumes_ml=outcome.volumes_ml,
-        dice=None if outcome.metrics is None else outcome.metrics["dice"],
-        hd95_mm=None if outcome.metrics is None else outcome.metrics["hd95_mm"],
-        postprocessed=outcome.postprocessed,
-        timing_ms=timings,
-        series=outcome.series,
-    )
+    summary = _summary(outcome, name, engine, started)
+    geometry, timings = outcome.geometry, summary.model_dump()["timing_ms"]
     logger.info(
         "segmented with %s (tta=%s, postprocessed=%s, format=%s): shape %s, %d bytes in, timings %s",
         name, query.tta, outcome.postprocessed, query.format, "x".join(map(str, geometry.shape)), body_bytes, timings,
@@ -290,3 +305,60 @@ async def segment(
             },
         )
     return JSONResponse({**body, "mask": base64.b64encode(outcome.mask).decode("ascii")})
+
+
+_PACS_TITLES = {404: "Not Found", 502: "Bad Gateway"}
+_UID = r"^[0-9]+(\.[0-9]+)*$"
+
+
+@router.post(
+    "/dicomweb/studies/{study_uid}/segment",
+    response_model=PacsSegmentResponse,
+    summary="Segment a study on the PACS and store the result there",
+    description="Finds the study's series on the PACS configured by BRATS_DICOMWEB_URL (QIDO-RS), fetches the four "
+    "it selects (WADO-RS), segments them, and stores a DICOM Segmentation in the study (STOW-RS).",
+    responses=problem_responses({
+        404: "The PACS does not know the study.",
+        422: "Invalid query parameters, or series that do not give the four modalities (the detail names them).",
+        502: "The PACS is unreachable or failed (its status in the detail).",
+        503: "DICOMweb is not configured (BRATS_DICOMWEB_URL), not ready, or the inference queue is full.",
+    }),
+    openapi_extra=OPTIONAL_API_KEY,
+)
+async def segment_pacs(
+    request: Request,
+    study_uid: Annotated[str, PathParam(pattern=_UID, max_length=64, description="StudyInstanceUID")],
+    query: Annotated[PacsQuery, Query()],
+    settings: SettingsDep,
+    catalogue: CatalogueDep,
+    queue: QueueDep,
+) -> PacsSegmentResponse:
+    if settings.dicomweb_url is None:
+        raise ProblemError(503, "Service Unavailable", "no PACS is configured: set BRATS_DICOMWEB_URL to its DICOMweb "
+                           "root (e.g. http://orthanc:8042/dicom-web) and restart the service")
+    started = time.perf_counter()
+    name = _resolve_model(query.model, catalogue)
+    request.state.model = name
+    engine = catalogue.engine(name)
+    try:
+        queue.check_capacity()
+    except QueueFullError as exc:
+        raise _busy(exc) from None
+    password = settings.dicomweb_password.get_secret_value() if settings.dicomweb_password else None
+    with Pacs(settings.dicomweb_url, username=settings.dicomweb_username, password=password,
+              timeout_s=settings.dicomweb_timeout_s) as pacs:
+        job = partial(segment_pacs_study, pacs, study_uid, engine, request.app.state.series_rules, model=name,
+                      software_version=request.app.version, tta=query.tta, postprocess=query.postprocess,
+                      max_voxels=settings.max_voxels)
+        try:
+            outcome, stored = await _run_while_connected(request, queue, job, name)
+        except QueueFullError as exc:
+            raise _busy(exc) from None
+        except PacsError as exc:
+            raise ProblemError(exc.status, _PACS_TITLES.get(exc.status, "Bad Gateway"), exc.detail) from None
+        except DicomInputError as exc:
+            raise ProblemError(exc.status, _DICOM_TITLES[exc.status], exc.reason) from None
+    summary = _summary(outcome, name, engine, started)
+    logger.info("segmented a PACS study with %s: shape %s, SEG stored", name, "x".join(map(str, summary.shape)))
+    return PacsSegmentResponse(**summary.model_dump(), stored=StoredSeg(
+        series_instance_uid=stored.series_instance_uid, sop_instance_uid=stored.sop_instance_uid))
