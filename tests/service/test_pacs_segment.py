@@ -39,8 +39,12 @@ def stored_study(orthanc, tmp_path_factory) -> dict[str, list]:
 
 
 @pytest.fixture(scope="module")
-def client(server_factory, models_dir, orthanc):
-    server = server_factory(models_dir, settings={"dicomweb_url": orthanc.dicomweb_url})
+def server(server_factory, models_dir, orthanc):
+    return server_factory(models_dir, settings={"dicomweb_url": orthanc.dicomweb_url, "log_level": "DEBUG"})
+
+
+@pytest.fixture(scope="module")
+def client(server):
     with server.client() as c:
         yield c
 
@@ -68,6 +72,16 @@ def test_segment_a_study_on_the_pacs(client, orthanc, stored_study, tmp_path):
                         files=[(n, (p.name, p.read_bytes())) for n, p in parts.items()])
     mask = nib.Nifti1Image.from_bytes(gzip.decompress(nifti.content))
     np.testing.assert_array_equal(seg_mask, np.asarray(mask.dataobj))
+
+
+def test_no_patient_data_or_uids_in_the_logs(server, client, stored_study):
+    source = stored_study["t1ce"][0]
+    study_uid = str(source.StudyInstanceUID)
+    assert client.post(f"/dicomweb/studies/{study_uid}/segment").status_code == 200
+    logs = server.logs()
+    assert "POST /dicomweb/studies/{study_uid}/segment model=resunet 200" in logs
+    for secret in (study_uid, str(source.SeriesInstanceUID), str(source.PatientID), "SYNTHETIC"):
+        assert secret not in logs, secret
 
 
 def test_unknown_study_is_404(client, orthanc):
