@@ -36,6 +36,9 @@ __all__ = ["BRATS_AXES", "DicomScan", "load_dicom_scan", "resample_to"]
 
 BRATS_AXES = ("L", "P", "S")
 """The orientation of BraTS volumes (nibabel axis codes), which the networks were trained on."""
+EDGE_TOL = 1e-3
+"""How far (in source voxels) a sampled point may lie outside a resampled volume's edge voxels and still take
+their value: rounding in the grid-to-grid transform must not zero a shared edge."""
 REFERENCE = "t1ce"
 """The series whose grid the mask lies on and the DICOM Segmentation references."""
 
@@ -74,10 +77,15 @@ class DicomScan:
 
 def resample_to(volume: np.ndarray, geometry: Geometry, reference: Geometry, *, order: int = 1) -> np.ndarray:
     """``volume`` (on ``geometry``) sampled at the voxel centres of ``reference`` (same world coordinates),
-    linearly by default; points outside the volume are 0."""
+    linearly by default; points outside the volume are 0, points on its edge (within rounding) are not."""
     to_source = np.linalg.inv(geometry.affine) @ reference.affine
-    return ndimage.affine_transform(volume, to_source[:3, :3], offset=to_source[:3, 3], output_shape=reference.shape,
-                                    order=order, mode="constant", cval=0.0, prefilter=False).astype(np.float32)
+    out = ndimage.affine_transform(volume, to_source[:3, :3], offset=to_source[:3, 3], output_shape=reference.shape,
+                                   order=order, mode="nearest", prefilter=False).astype(np.float32)
+    index = np.ogrid[tuple(slice(0, n) for n in reference.shape)]
+    for axis, size in enumerate(volume.shape):  # mode "constant" would zero edge points a rounding error outside
+        source = sum(to_source[axis, e] * index[e] for e in range(3)) + to_source[axis, 3]
+        out[(source < -EDGE_TOL) | (source > size - 1 + EDGE_TOL)] = 0.0
+    return out
 
 
 def _one(values: Iterable[str], what: str, series: list[Series]) -> None:

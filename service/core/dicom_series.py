@@ -90,11 +90,15 @@ def _dataset(raw: bytes) -> Dataset | None:
     return ds
 
 
-def _members(archive: zipfile.ZipFile, *, max_instances: int, max_bytes: int) -> Iterable[bytes]:
+def _members(archive: zipfile.ZipFile, *, max_instances: int, max_bytes: int, read: int = 0,
+             inflated: int = 0) -> Iterable[bytes]:
+    """The members' bytes; ``read`` instances and ``inflated`` bytes of earlier parts count against the limits."""
     infos = [i for i in archive.infolist() if not i.is_dir()]
-    if len(infos) > max_instances:
-        raise DicomInputError(f"a zip holds {len(infos)} files, more than the limit of {max_instances} instances", 413)
-    total = 0
+    if read + len(infos) > max_instances:
+        before = f" after {read} instances in earlier parts" if read else ""
+        raise DicomInputError(
+            f"a zip holds {len(infos)} files{before}, more than the limit of {max_instances} instances", 413)
+    total = inflated
     for info in infos:
         if info.file_size > ZIP_MAX_RATIO * max(info.compress_size, 1) and info.file_size > 1 << 20:
             raise DicomInputError("a zip member inflates over 200 times its size; refused as a zip bomb", 413)
@@ -125,8 +129,8 @@ def read_instances(paths: Iterable[Path], *, max_instances: int = 5000, max_byte
         if head == b"PK\x03\x04":
             try:
                 with zipfile.ZipFile(path) as archive:
-                    for raw in _members(archive, max_instances=max_instances - len(datasets),
-                                        max_bytes=max_bytes - inflated):
+                    for raw in _members(archive, max_instances=max_instances, max_bytes=max_bytes,
+                                        read=len(datasets), inflated=inflated):
                         inflated += len(raw)
                         ds = _dataset(raw)
                         if ds is not None:
