@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sys
+import warnings
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -62,6 +63,18 @@ def configure_logging(level: str | int = "INFO") -> None:
         uv.handlers.clear()
         uv.propagate = True
         uv.setLevel(level)
+    numeric = logging.getLevelName(level) if isinstance(level, str) else level
+    for name, floor in IDENTIFYING_LOGGERS.items():
+        logging.getLogger(name).setLevel(max(numeric, floor))
+    for module in IDENTIFYING_WARNINGS:  # their warnings quote attribute values (names, UIDs)
+        warnings.filterwarnings("ignore", module=module)
+
+
+IDENTIFYING_LOGGERS = {"highdicom": logging.WARNING, "pydicom": logging.ERROR, "dicomweb_client": logging.WARNING,
+                       "urllib3": logging.WARNING}
+"""Libraries whose log lines below these levels name instances by UID or show request URLs that hold UIDs."""
+IDENTIFYING_WARNINGS = (r"highdicom(\.|$)", r"pydicom(\.|$)")
+"""Modules whose warnings (e.g. on a malformed person name) quote the value they judge."""
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -318,7 +318,10 @@ _UID = r"^[0-9]+(\.[0-9]+)*$"
     description="Finds the study's series on the PACS configured by BRATS_DICOMWEB_URL (QIDO-RS), fetches the four "
     "it selects (WADO-RS), segments them, and stores a DICOM Segmentation in the study (STOW-RS).",
     responses=problem_responses({
+        400: "A selected series cannot be read as a volume (uneven spacing, tilt, undecodable pixels, ...).",
+        401: "Missing or wrong API key (when keys are configured).",
         404: "The PACS does not know the study.",
+        413: "A selected series is over the voxel limit.",
         422: "Invalid query parameters, or series that do not give the four modalities (the detail names them).",
         502: "The PACS is unreachable or failed (its status in the detail).",
         503: "DICOMweb is not configured (BRATS_DICOMWEB_URL), not ready, or the inference queue is full.",
