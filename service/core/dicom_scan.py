@@ -88,11 +88,11 @@ def resample_to(volume: np.ndarray, geometry: Geometry, reference: Geometry, *, 
     return out
 
 
-def _one(values: Iterable[str], what: str, series: list[Series]) -> None:
-    distinct = {v for v in values}
+def _one(values: Iterable[str], what: str, plural: str, series: list[Series]) -> None:
+    distinct = set(values)
     if len(distinct) > 1:
         raise DicomInputError(
-            f"the series come from {len(distinct)} different {what}s; send the series of one {what} "
+            f"the series come from {len(distinct)} different {plural}; send the series of one {what} "
             f"({', '.join(s.label for s in series)})"
         )
 
@@ -126,8 +126,8 @@ def load_dicom_scan(
     series = group_series(datasets)
     chosen = select_series(series, rules)
     used = list(chosen.values())
-    _one((s.study_uid for s in used), "study", used)
-    _one((s.frame_of_reference_uid for s in used), "frame of reference", used)
+    _one((s.study_uid for s in used), "study", "studies", used)
+    _one((s.frame_of_reference_uid for s in used), "frame of reference", "frames of reference", used)
     volumes = {m: series_volume(chosen[m]) for m in MODALITIES}
     reference = volumes[REFERENCE][1]
     if max_voxels is not None and int(np.prod(reference.shape)) > max_voxels:

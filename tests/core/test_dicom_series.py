@@ -579,16 +579,16 @@ def test_resample_to():
     assert np.allclose(nearest[::2, ::2, ::2], volume)
 
 
-@pytest.mark.parametrize("keyword, what", [("StudyInstanceUID", "study"),
-                                           ("FrameOfReferenceUID", "frame of reference")])
-def test_two_studies_or_frames_of_reference(tmp_path, keyword, what):
+@pytest.mark.parametrize("keyword, what, plural", [("StudyInstanceUID", "study", "studies"),
+                                                   ("FrameOfReferenceUID", "frame of reference", "frames of reference")])
+def test_two_studies_or_frames_of_reference(tmp_path, keyword, what, plural):
     datasets = study_datasets(tmp_path)
     other = generate_uid()
     for ds in datasets:
         if ds.SeriesDescription == SERIES_DESCRIPTIONS["t2"]:
             setattr(ds, keyword, other)
     err = problem(load_dicom_scan, datasets, RULES)
-    assert f"2 different {what}" in err.reason and f"send the series of one {what}" in err.reason
+    assert f"2 different {plural};" in err.reason and f"send the series of one {what}" in err.reason
     assert all(f"'{SERIES_DESCRIPTIONS[m]}'" in err.reason for m in MODALITIES)
     assert not any(uid in err.reason for uid in uids_of(datasets))
 

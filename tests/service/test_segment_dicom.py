@@ -202,7 +202,7 @@ class TestBadStudies:
     def test_two_studies(self, client, tmp_path):
         first, second = study(tmp_path / "a", case_id="A"), study(tmp_path / "b", case_id="B")
         mixed = {"flair": first["flair"], "t1": first["t1"], "t1ce": second["t1ce"], "t2": second["t2"]}
-        problem(client.post("/segment", files=dicom_parts(mixed)), 400, "different studys")
+        problem(client.post("/segment", files=dicom_parts(mixed)), 400, "different studies")
 
     def test_not_dicom_and_mixed_parts(self, client, tmp_path):
         problem(client.post("/segment", files=[("dicom", ("x.dcm", b"hello"))]), 400, "neither a DICOM file nor a zip")
