@@ -66,9 +66,21 @@ def mask_of(response: httpx.Response) -> nib.Nifti1Image:
 
 
 @pytest.fixture(scope="module")
-def server(server_factory, models_dir):
+def spool(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("dicom-spool")
+
+
+@pytest.fixture(scope="module")
+def server(server_factory, models_dir, spool):
     return server_factory(models_dir, settings={"max_dicom_instances": 200, "max_dicom_bytes": 20 << 20,
-                                                "log_level": "DEBUG"})
+                                                "log_level": "DEBUG", "tmp_dir": spool})
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(spool):
+    """After every request, good or bad, the upload folder is gone."""
+    yield
+    assert list(spool.iterdir()) == []
 
 
 @pytest.fixture(scope="module")
