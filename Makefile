@@ -84,6 +84,12 @@ $(PYTHON) -m venv "$$tmp/venv" && \
 mkdir -p $(dir $(3)) && mv "$$tmp/out" $(3) && echo "wrote $(3)"
 endef
 
+# The front-end assets the service serves from service/static/vendor/ (Swagger UI for /docs, NiiVue), at the
+# versions pinned in scripts/vendor_assets.sh, fetched with `npm pack` (needs npm and the npm registry).
+.PHONY: vendor
+vendor:
+	bash scripts/vendor_assets.sh
+
 # Segment fresh synthetic cases with the shipped models, without the service.
 demo: setup
 	$(PY) -m training synth data/demo --cases 2 --seed 999 --start-index 901

@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from service.api.deps import ApiKeyDep, MetadataKeyDep
 from service.api.errors import install_error_handlers
-from service.api.routes import health, metrics, models, segment
+from service.api.routes import docs, health, metrics, models, segment
 from service.api.request_context import RequestContextMiddleware
 from service.api.upload_folders import remove_stale_folders
 from service.catalogue import ModelCatalogue
@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None, *, catalogue: ModelCatalogue | 
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by service.api.routes.docs from vendored assets, without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.catalogue = catalogue
@@ -100,4 +102,6 @@ def create_app(settings: Settings | None = None, *, catalogue: ModelCatalogue | 
     app.include_router(models.router, dependencies=[MetadataKeyDep])
     app.include_router(metrics.router, dependencies=[MetadataKeyDep])
     app.include_router(health.router)
+    app.include_router(docs.router)
+    app.mount(docs.STATIC_URL, docs.static_files(), name="static")
     return app
