@@ -20,7 +20,7 @@ from fastapi import FastAPI
 
 from service.api.deps import ApiKeyDep, MetadataKeyDep
 from service.api.errors import install_error_handlers
-from service.api.routes import docs, health, metrics, models, segment
+from service.api.routes import docs, health, metrics, models, page, segment
 from service.api.request_context import RequestContextMiddleware
 from service.api.upload_folders import remove_stale_folders
 from service.catalogue import ModelCatalogue
@@ -103,5 +103,6 @@ def create_app(settings: Settings | None = None, *, catalogue: ModelCatalogue | 
     app.include_router(metrics.router, dependencies=[MetadataKeyDep])
     app.include_router(health.router)
     app.include_router(docs.router)
+    app.include_router(page.router)
     app.mount(docs.STATIC_URL, docs.static_files(), name="static")
     return app

@@ -21,7 +21,7 @@ HEALTH = {"/healthz", "/readyz"}
 """Never need a key (probes of orchestrators and load balancers)."""
 METADATA = {"/models", "/metrics"}
 """Need a key only with ``BRATS_PROTECT_METADATA``."""
-FASTAPI_PAGES = {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/static"}
+FASTAPI_PAGES = {"/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/static"}
 """Served outside the schema (``/redoc`` is off: 404); never need a key. ``/static`` is the mount of the
 vendored front-end files."""
 METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
