@@ -199,7 +199,7 @@ def _synth(args, command: str) -> int:
 def _preprocess(args, command: str) -> int:
     from training.data.cache import preprocess_dataset
     from training.data.provenance import carry_marker
-    from training.data.readers import find_cases
+    from service.core.datasets import find_cases
 
     cases = find_cases(args.data)
     carry_marker(args.data, args.cache)

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from service.core.datasets import find_cases, read_scan
 from service.core.labels import REGION_NAMES
 from service.core.lesions import lesionwise_metrics
 from service.core.scoring import BRATS_HD95_SUBSTITUTE_MM, region_metrics, volumes_ml
@@ -21,7 +22,6 @@ from service.inference.engine import Engine
 from service.inference.model import OnnxModel
 from service.inference.pipeline import segment_scan
 from training.data.manifest import read_case_kinds
-from training.data.readers import find_cases, read_scan
 
 log = logging.getLogger(__name__)
 

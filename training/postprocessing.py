@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from service.core.datasets import Case, find_cases, read_scan
 from service.core.labels import REGION_NAMES, REGIONS, check_labels
 from service.core.scoring import dice
 from service.core.postprocess import (
@@ -44,7 +45,6 @@ from service.inference.backends import BackendOptions
 from service.inference.engine import Engine
 from service.inference.model import OnnxModel
 from service.inference.pipeline import segment_scan
-from training.data.readers import Case, find_cases, read_scan
 from training.evaluate import CARD_BACKEND
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def learn_for_model(
 
     Raises:
         ValueError: see :func:`validation_cases`, :class:`~service.inference.model.OnnxModel`, and
-            :func:`~training.data.readers.read_scan`.
+            :func:`~service.core.datasets.read_scan`.
     """
     cases = validation_cases(data, split)
     model = OnnxModel(Path(model_path), options)

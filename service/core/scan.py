@@ -21,7 +21,16 @@ from typing import Literal
 import numpy as np
 
 from service.core.geometry import Geometry, grid_mismatch
-from service.core.labels import MODALITIES, MSD_TO_BRATS, msd_to_brats
+from service.core.labels import (
+    BRATS2023_LABEL_VALUES,
+    MODALITIES,
+    MSD_TO_BRATS,
+    POST_TREATMENT_REASON,
+    RESECTION_CAVITY_LABEL,
+    LabelError,
+    brats2023_to_brats,
+    msd_to_brats,
+)
 from service.core.nifti import NiftiError, VolumeTooLargeError, load_label, load_volume, read_header
 from service.core.workers import thread_pool
 
@@ -33,7 +42,7 @@ LABEL_PART = "label"
 """The optional ground-truth part (BraTS 2020 labels 0/1/2/4)."""
 KNOWN_PARTS: tuple[str, ...] = (*MODALITIES, IMAGE_PART, LABEL_PART)
 
-LabelFormat = Literal["brats", "msd"]
+LabelFormat = Literal["brats", "msd", "brats2023"]
 MSD_LABEL_VALUES = tuple(MSD_TO_BRATS)
 """Values of an MSD Task01 label file: 0 background, 1 edema, 2 non-enhancing tumour, 3 enhancing tumour."""
 
@@ -100,10 +109,16 @@ def _read(part: str, path: Path, *, ndim: int, max_voxels: int | None, out: np.n
         if label_format == "msd":
             raw, geometry = load_label(path, valid=MSD_LABEL_VALUES, max_voxels=max_voxels)
             return msd_to_brats(raw), geometry
+        if label_format == "brats2023":
+            raw, geometry = load_label(path, valid=BRATS2023_LABEL_VALUES, max_voxels=max_voxels)
+            return brats2023_to_brats(raw), geometry
         return load_label(path, max_voxels=max_voxels)
     except VolumeTooLargeError as err:
         raise ScanError(part, err.reason, too_large=True) from None
     except NiftiError as err:
+        cause = err.__cause__
+        if label_format == "brats2023" and isinstance(cause, LabelError) and RESECTION_CAVITY_LABEL in cause.values:
+            raise ScanError(part, f"the ground truth {POST_TREATMENT_REASON}") from None
         raise ScanError(part, err.reason) from None
 
 
@@ -173,7 +188,9 @@ def load_scan(
     Args:
         files: Part name -> file: the four modalities or ``image``, and optionally ``label``.
         max_voxels: Refuse, from the header alone and before inflating, a part declaring more voxels.
-        label_format: ``brats`` (values 0, 1, 2, 4) or ``msd`` (0, 1, 2, 3, mapped to BraTS on load).
+        label_format: ``brats`` (values 0, 1, 2, 4), ``msd`` (0, 1, 2, 3, mapped to BraTS on load) or
+            ``brats2023`` (0, 1, 2, 3 with ET = 3, mapped to BraTS on load; label 4, the resection cavity of
+            BraTS 2024 post-treatment data, is refused).
 
     Raises:
         ScanError: the first problem found: an unreadable or invalid part, a part over ``max_voxels``

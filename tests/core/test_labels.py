@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from service.core.labels import (
+    BRATS2023_TO_BRATS,
+    BRATS_TO_BRATS2023,
     LABELS,
     MODALITIES,
     REGION_NAMES,
@@ -13,11 +15,14 @@ from service.core.labels import (
     TUMOUR_LABELS,
     VALID_LABELS,
     LabelError,
+    brats2023_to_brats,
+    brats_to_brats2023,
     brats_to_msd,
     check_labels,
     labels_to_regions,
     msd_to_brats,
     regions_to_labels,
+    to_label_convention,
 )
 
 
@@ -67,6 +72,50 @@ class TestMsdMapping:
     def test_brats_to_msd_rejects_label_3(self):
         with pytest.raises(LabelError, match="no label 3"):
             brats_to_msd(np.array([0, 3]))
+
+
+class TestBrats2023Mapping:
+    def test_tables(self):
+        # BraTS 2023 glioma: 1 NCR, 2 edema, 3 enhancing tumour -> BraTS 2020: 1, 2, 4
+        assert BRATS2023_TO_BRATS == {0: 0, 1: 1, 2: 2, 3: 4}
+        assert BRATS_TO_BRATS2023 == {0: 0, 1: 1, 2: 2, 4: 3}
+
+    def test_both_ways_each_value(self):
+        out = brats2023_to_brats(np.array([0, 1, 2, 3]))
+        np.testing.assert_array_equal(out, [0, 1, 2, 4])
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(brats_to_brats2023(np.array([0, 1, 2, 4], np.uint8)), [0, 1, 2, 3])
+
+    def test_label_4_is_not_a_2023_value(self):
+        with pytest.raises(LabelError, match=r"\{4\}.*expected only \{0, 1, 2, 3\}") as err:
+            brats2023_to_brats(np.array([0, 3, 4]))
+        assert err.value.values == (4,)
+
+
+class TestToLabelConvention:
+    def test_brats2023_writes_et_as_3(self):
+        labels = np.array([[0, 1], [2, 4]], dtype=np.uint8)
+        out = to_label_convention(labels, "brats2023")
+        np.testing.assert_array_equal(out, [[0, 1], [2, 3]])
+        assert out.dtype == np.uint8
+        np.testing.assert_array_equal(labels, [[0, 1], [2, 4]])  # input untouched
+
+    def test_brats2020_is_a_checked_copy(self):
+        labels = np.array([0, 1, 2, 4], dtype=np.uint8)
+        out = to_label_convention(labels, "brats2020")
+        np.testing.assert_array_equal(out, labels)
+        assert out.dtype == np.uint8 and not np.shares_memory(out, labels)
+        with pytest.raises(LabelError, match=r"\{3\}"):
+            to_label_convention(np.array([3]), "brats2020")
+
+    def test_round_trip(self):
+        rng = np.random.default_rng(2)
+        labels = np.array(VALID_LABELS, dtype=np.uint8)[rng.integers(0, 4, size=(4, 5, 6))]
+        np.testing.assert_array_equal(brats2023_to_brats(to_label_convention(labels, "brats2023")), labels)
+
+    def test_unknown_convention(self):
+        with pytest.raises(ValueError, match="unknown label convention 'msd'; expected one of brats2020, brats2023"):
+            to_label_convention(np.zeros(2, np.uint8), "msd")
 
 
 class TestCheckLabels:

@@ -35,6 +35,24 @@ class TestForms:
         label = load_scan(parts, label_format="msd").label
         assert (label[1, 1, 1], label[2, 2, 2], label[3, 3, 3]) == (2, 1, 4)
 
+    def test_brats2023_label_is_mapped_to_brats(self, tmp_path):
+        parts = write_case(tmp_path)
+        seg = np.zeros(tumour_scan().shape[1:], np.uint8)
+        seg[1, 1, 1], seg[2, 2, 2], seg[3, 3, 3] = 1, 2, 3  # NCR, edema, enhancing
+        parts[LABEL_PART] = write_nifti(tmp_path / "seg.nii.gz", seg, dtype=np.uint8)
+        label = load_scan(parts, label_format="brats2023").label
+        assert (label[1, 1, 1], label[2, 2, 2], label[3, 3, 3]) == (1, 2, 4)
+        assert int(np.count_nonzero(label)) == 3
+
+    def test_brats2023_label_4_is_refused_as_post_treatment(self, tmp_path):
+        parts = write_case(tmp_path)
+        seg = np.zeros(tumour_scan().shape[1:], np.uint8)
+        seg[1, 1, 1], seg[2, 2, 2] = 3, 4
+        parts[LABEL_PART] = write_nifti(tmp_path / "seg.nii.gz", seg, dtype=np.uint8)
+        with pytest.raises(ScanError, match=r"part label: the ground truth holds label 4 \(resection cavity") as err:
+            load_scan(parts, label_format="brats2023")
+        assert err.value.part == LABEL_PART and "pre-operative" in err.value.reason
+
     @pytest.mark.parametrize("names, expected", [
         (set(MODALITIES), MODALITIES),
         ({*MODALITIES, LABEL_PART}, MODALITIES),

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.core.datasets import DataError, find_cases, load_case
 from service.core.preprocess import Preprocessed, preprocess
-from tests.training.test_readers import make_brats_case
+from tests.core.test_datasets import make_brats_case
 from training.data import cache as cache_module
 from training.data.cache import CachedCase, load_cached, preprocess_dataset
-from training.data.readers import DataError, find_cases, load_case
 from training.data.sampler import PatchSampler
 
 FULL = (10, 9, 8)

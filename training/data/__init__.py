@@ -1,1 +1,1 @@
-"""Dataset readers, synthetic data, caching, sampling and augmentation."""
+"""Synthetic data, caching, sampling and augmentation (the dataset readers are in ``service.core.datasets``)."""

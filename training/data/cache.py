@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from service.core.datasets import Case, DataError, load_case
 from service.core.files import atomic_write
 from service.core.labels import TUMOUR_LABELS
 from service.core.preprocess import preprocess
 from training.data.provenance import MARKER
-from training.data.readers import Case, DataError, load_case
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def preprocess_dataset(
     """Crop, z-score and store every case in ``cache_dir`` (see the module docstring for the files).
 
     Args:
-        cases: Cases from :func:`training.data.readers.find_cases`; case ids must be unique.
+        cases: Cases from :func:`service.core.datasets.find_cases`; case ids must be unique.
         cache_dir: Output folder (created if needed).
         progress: Show a tqdm progress bar.
         workers: Processes to use; each holds one full case in memory (about 0.5 GB for BraTS).

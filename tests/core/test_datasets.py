@@ -1,4 +1,4 @@
-"""Readers of the BraTS 2020 and MSD Task01 layouts, on tiny trees written with nibabel."""
+"""Readers of the BraTS 2020, 2021, 2023 and MSD Task01 layouts, on tiny trees written with nibabel."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from service.core.labels import MODALITIES
-from training.data.readers import (
+from service.core.datasets import (
     Case,
     DataError,
     find_brats2020_cases,
+    find_brats2021_cases,
+    find_brats2023_cases,
     find_cases,
     find_msd_cases,
     load_case,
 )
+from service.core.labels import MODALITIES, to_label_convention
 
 SHAPE = (6, 5, 4)
 AFFINE = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -306,3 +308,182 @@ class TestLoadCase:
         write_nifti(task / "imagesTr" / "BRATS_001.nii.gz", np.zeros(SHAPE, np.float32))
         with pytest.raises(DataError, match=r"BRATS_001: expected a 4D volume"):
             load_case(self._case(tmp_path, "BRATS_001"))
+
+
+# BraTS 2021 and 2023 -------------------------------------------------------------------------------------------
+
+BRATS2021_TRAIN = "RSNA_ASNR_MICCAI_BraTS2021_TrainingData_16July2021"
+BRATS2021_VAL = "RSNA_ASNR_MICCAI_BraTS2021_ValidationData"
+BRATS2023_TRAIN = "ASNR-MICCAI-BraTS2023-GLI-Challenge-TrainingData"
+BRATS2023_VAL = "ASNR-MICCAI-BraTS2023-GLI-Challenge-ValidationData"
+SUFFIX_2023 = {"flair": "t2f", "t1": "t1n", "t1ce": "t1c", "t2": "t2w"}  # as the BraTS 2023 release names them
+
+
+def make_label_2023() -> np.ndarray:
+    """:func:`make_label` in the BraTS 2023 values: enhancing tumour 3 instead of 4."""
+    seg = make_label()
+    seg[seg == 4] = 3
+    return seg
+
+
+def make_brats2023_case(parent: Path, case_id: str, *, with_seg: bool = True, seg=None) -> Path:
+    """One BraTS 2023 case folder ``parent/case_id`` like the real one: ``CASE-{t2f,t1n,t1c,t2w,seg}.nii.gz``."""
+    folder = parent / case_id
+    image = make_image()
+    for c, modality in enumerate(MODALITIES):
+        write_nifti(folder / f"{case_id}-{SUFFIX_2023[modality]}.nii.gz", image[c])
+    if with_seg:
+        write_nifti(folder / f"{case_id}-seg.nii.gz", make_label_2023() if seg is None else seg)
+    return folder
+
+
+@pytest.fixture()
+def brats2021_root(tmp_path: Path) -> Path:
+    """The training folder (cases 00000, 00002) and a validation folder (case 00001 without seg)."""
+    for n in ("00000", "00002"):
+        make_brats_case(tmp_path / BRATS2021_TRAIN, f"BraTS2021_{n}")
+    make_brats_case(tmp_path / BRATS2021_VAL, "BraTS2021_00001", seg_name=None)
+    return tmp_path
+
+
+@pytest.fixture()
+def brats2023_root(tmp_path: Path) -> Path:
+    """The training folder (cases 00000-000, 00002-000) and a validation folder (00001-000 without seg)."""
+    for case_id in ("BraTS-GLI-00000-000", "BraTS-GLI-00002-000"):
+        make_brats2023_case(tmp_path / BRATS2023_TRAIN, case_id)
+    make_brats2023_case(tmp_path / BRATS2023_VAL, "BraTS-GLI-00001-000", with_seg=False)
+    return tmp_path
+
+
+class TestFindBrats2021:
+    def test_training_folder_itself(self, brats2021_root: Path):
+        cases = find_brats2021_cases(brats2021_root / BRATS2021_TRAIN)
+        assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_00002"]
+        assert cases[0].images["t1ce"].name == "BraTS2021_00000_t1ce.nii.gz"
+        assert cases[0].label.name == "BraTS2021_00000_seg.nii.gz"
+        assert all(c.label_format == "brats" and c.image4d is None for c in cases)
+
+    def test_parent_holds_training_and_validation(self, brats2021_root: Path):
+        cases = {c.case_id: c for c in find_brats2021_cases(brats2021_root)}
+        assert sorted(cases) == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+        assert cases["BraTS2021_00001"].label is None
+        assert cases["BraTS2021_00001"].images["flair"].parent.parent.name == BRATS2021_VAL
+
+    def test_not_taken_for_brats2020_and_back(self, brats2021_root: Path, brats_root: Path):
+        with pytest.raises(DataError, match="no BraTS 2020 case folders"):
+            find_brats2020_cases(brats2021_root / BRATS2021_TRAIN)
+        with pytest.raises(DataError, match=r"no BraTS 2021 case folders .*expected RSNA_ASNR_MICCAI_BraTS2021"):
+            find_brats2021_cases(brats_root / "MICCAI_BraTS2020_TrainingData")
+
+    def test_labels_as_in_2020(self, brats2021_root: Path):
+        case = find_brats2021_cases(brats2021_root)[0]
+        image, label, _ = load_case(case)
+        np.testing.assert_array_equal(image, make_image())
+        np.testing.assert_array_equal(label, make_label())
+
+
+class TestFindBrats2023:
+    def test_training_folder_itself(self, brats2023_root: Path):
+        cases = find_brats2023_cases(brats2023_root / BRATS2023_TRAIN)
+        assert [c.case_id for c in cases] == ["BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
+        first = cases[0]
+        assert {m: p.name for m, p in first.images.items()} == {
+            "flair": "BraTS-GLI-00000-000-t2f.nii.gz",
+            "t1": "BraTS-GLI-00000-000-t1n.nii.gz",
+            "t1ce": "BraTS-GLI-00000-000-t1c.nii.gz",
+            "t2": "BraTS-GLI-00000-000-t2w.nii.gz",
+        }
+        assert first.label.name == "BraTS-GLI-00000-000-seg.nii.gz"
+        assert all(c.label_format == "brats2023" and c.image4d is None for c in cases)
+
+    def test_parent_holds_training_and_validation(self, brats2023_root: Path):
+        cases = {c.case_id: c for c in find_brats2023_cases(brats2023_root)}
+        assert sorted(cases) == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+        assert cases["BraTS-GLI-00001-000"].label is None
+        assert cases["BraTS-GLI-00001-000"].images["t2"].name == "BraTS-GLI-00001-000-t2w.nii.gz"
+
+    def test_missing_modality_names_case_and_file(self, tmp_path: Path):
+        folder = make_brats2023_case(tmp_path, "BraTS-GLI-00003-000")
+        (folder / "BraTS-GLI-00003-000-t1c.nii.gz").unlink()
+        with pytest.raises(DataError, match=r"BraTS-GLI-00003-000: missing t1ce volume: no BraTS-GLI-00003-000-t1c\.nii"):
+            find_brats2023_cases(tmp_path)
+
+    def test_empty_folder(self, tmp_path: Path):
+        with pytest.raises(DataError, match=r"no BraTS 2023 case folders .*BraTS-GLI-NNNNN-NNN-\{t2f,t1n,t1c,t2w,seg\}"):
+            find_brats2023_cases(tmp_path)
+
+    def test_channels_in_project_order_and_et_mapped_3_to_4(self, brats2023_root: Path):
+        case = find_brats2023_cases(brats2023_root)[0]
+        image, label, geometry = load_case(case)
+        np.testing.assert_array_equal(image, make_image())  # t2f, t1n, t1c, t2w -> flair, t1, t1ce, t2
+        assert label.dtype == np.uint8
+        np.testing.assert_array_equal(label, make_label())
+        assert geometry.shape == SHAPE
+
+    def test_written_back_in_2023_values_equals_the_file(self, brats2023_root: Path):
+        case = find_brats2023_cases(brats2023_root)[0]
+        _, label, _ = load_case(case)
+        written = to_label_convention(label, "brats2023")
+        np.testing.assert_array_equal(written, np.asarray(nib.load(str(case.label)).dataobj))
+        np.testing.assert_array_equal(to_label_convention(label, "brats2020"), make_label())
+
+    def test_validation_case_has_no_label(self, brats2023_root: Path):
+        case = next(c for c in find_cases(brats2023_root) if c.case_id == "BraTS-GLI-00001-000")
+        image, label, _ = load_case(case)
+        assert image.shape == (4, *SHAPE) and label is None
+
+    def test_post_treatment_label_4_is_refused(self, tmp_path: Path):
+        seg = make_label_2023()
+        seg[0, 0, 0] = 4  # resection cavity in the BraTS 2024 post-treatment data
+        make_brats2023_case(tmp_path, "BraTS-GLI-00005-001", seg=seg)
+        (case,) = find_cases(tmp_path)  # found (names as in 2023), refused when read
+        expected = (
+            r"BraTS-GLI-00005-001: .*holds label 4 \(resection cavity in BraTS 2024 post-treatment data\); this project "
+            r"segments pre-operative gliomas \(labels NCR, edema, enhancing tumour\); use a pre-operative dataset "
+            r"\(.*BraTS-GLI-00005-001-seg\.nii\.gz\)"
+        )
+        with pytest.raises(DataError, match=expected):
+            load_case(case)
+
+    def test_other_values_are_refused_as_such(self, tmp_path: Path):
+        seg = make_label_2023()
+        seg[0, 0, 0] = 5
+        make_brats2023_case(tmp_path, "BraTS-GLI-00004-000", seg=seg)
+        with pytest.raises(DataError, match=r"BraTS-GLI-00004-000: label values \{5\}.*\{0, 1, 2, 3\}.*-seg\.nii\.gz\)"):
+            load_case(find_cases(tmp_path)[0])
+
+
+class TestFindCasesNewLayouts:
+    def test_detects_brats2021(self, brats2021_root: Path):
+        cases = find_cases(brats2021_root)
+        assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_00001", "BraTS2021_00002"]
+        assert [c.label is None for c in cases] == [False, True, False]
+
+    def test_detects_brats2023(self, brats2023_root: Path):
+        cases = find_cases(brats2023_root)
+        assert [c.case_id for c in cases] == ["BraTS-GLI-00000-000", "BraTS-GLI-00001-000", "BraTS-GLI-00002-000"]
+        assert [c.label is None for c in cases] == [False, True, False]
+        assert {c.label_format for c in cases} == {"brats2023"}
+
+    def test_unknown_folder_lists_every_layout(self, tmp_path: Path):
+        (tmp_path / "something").mkdir()
+        with pytest.raises(DataError, match=r"BraTS20_Training_NNN.* or .*BraTS2021_NNNNN.* or .*BraTS-GLI-NNNNN-NNN.* or "):
+            find_cases(tmp_path)
+
+    def test_two_layouts_refused_naming_both(self, tmp_path: Path):
+        make_brats_case(tmp_path / BRATS2021_TRAIN, "BraTS2021_00000")
+        make_brats2023_case(tmp_path / BRATS2023_TRAIN, "BraTS-GLI-00000-000")
+        with pytest.raises(DataError, match="holds both a BraTS 2021 and a BraTS 2023 dataset; point at one"):
+            find_cases(tmp_path)
+
+    def test_three_layouts_refused_naming_all(self, brats_root: Path):
+        make_brats2023_case(brats_root / BRATS2023_TRAIN, "BraTS-GLI-00000-000")
+        make_msd_root(brats_root)
+        with pytest.raises(DataError, match="holds a BraTS 2020, a BraTS 2023 and an MSD dataset"):
+            find_cases(brats_root)
+
+    def test_case_accepts_the_2023_label_format_only_among_the_known(self, tmp_path: Path):
+        images = {m: tmp_path / f"{m}.nii.gz" for m in MODALITIES}
+        assert Case(case_id="x", images=images, label_format="brats2023").label_format == "brats2023"
+        with pytest.raises(ValueError, match="label_format must be one of"):
+            Case(case_id="x", images=images, label_format="brats2024")
