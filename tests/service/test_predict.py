@@ -4,7 +4,6 @@ services with ``--url``)."""
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
