@@ -34,6 +34,7 @@ from service.core.nifti import NiftiError, load_label
 from service.core.nifti_write import save_mask
 from service.core.scan import ScanError
 from service.core.scoring import region_metrics, volumes_ml
+from service.settings import DEFAULT_MODELS_DIR
 
 VOLUME_KEYS = ("WT", "TC", "ET", "NCR", "ED")
 FIELDS = ("case", "status", "seconds", *(f"{k}_ml" for k in VOLUME_KEYS), *(f"dice_{r}" for r in REGION_NAMES),
@@ -263,7 +264,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("input", type=Path, help="a dataset folder (BraTS 2020/2021/2023, MSD) or a folder of 4D files")
     p.add_argument("output", type=Path, help="where the masks and results.csv go (created if missing)")
     p.add_argument("--model", default="resunet", help="model name in --models-dir, or ensemble (default resunet)")
-    p.add_argument("--models-dir", type=Path, default=None, help="folder of NAME.onnx + NAME.json (default models/)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="folder of NAME.onnx + NAME.json (default $BRATS_MODELS_DIR, else models/)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation by mirroring (8x slower)")
     p.add_argument("--no-postprocess", action="store_true", help="the raw masks, without the card's rules")
     p.add_argument("--label-convention", choices=("brats2020", "brats2023"), default="brats2020",
@@ -284,10 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.input.is_dir():
             raise UsageError(f"{args.input} is not a folder")
-        if args.models_dir is None:
-            from service.settings import DEFAULT_MODELS_DIR
-
-            args.models_dir = DEFAULT_MODELS_DIR
+        if args.models_dir is None:  # BRATS_MODELS_DIR as for the service, else models/ of the project
+            args.models_dir = Path(os.environ.get("BRATS_MODELS_DIR") or DEFAULT_MODELS_DIR)
         factory = RemoteSegmenter if args.url else LocalSegmenter
         return run(args, factory)
     except (UsageError, DataError) as err:

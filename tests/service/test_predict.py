@@ -4,6 +4,7 @@ services with ``--url``)."""
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -145,3 +146,10 @@ def test_url_mode_against_real_services_with_a_busy_one(tmp_path, server_factory
     rejected = [line for line in metrics.splitlines() if line.startswith("brats_inference_rejected_total")]
     assert rejected and float(rejected[0].split()[-1]) > 0, "no 503 was answered, so no retry was tested"
     assert "6 segmented" in result.stdout
+
+
+def test_models_dir_from_the_environment_as_for_the_service(tmp_path, models_dir):
+    data = brats_tree(tmp_path / "in", 1)
+    env = {**os.environ, "BRATS_MODELS_DIR": str(models_dir)}
+    predict(data, tmp_path / "out", "--model", "unet", "--threads", "1", "--quiet", check=0, env=env)
+    assert (tmp_path / "out" / "BraTS20_Training_001.nii.gz").is_file()
