@@ -1,1 +1,2 @@
-"""One router per resource: ``segment`` (POST /segment), ``models``, ``health`` (/healthz, /readyz), ``metrics``."""
+"""One router per resource: ``segment`` (POST /segment and POST /dicomweb/studies/{uid}/segment), ``models``,
+``health`` (/healthz, /readyz), ``metrics``, ``docs`` (the offline /docs and /static), ``page`` (the page at /)."""

@@ -9,12 +9,13 @@ one of the tumour kinds of :data:`KINDS` in the shares of :data:`KIND_DECK`, tum
   the landmarks where findings go;
 - :mod:`.tumours`: case kinds and tumour growth; :mod:`.findings`: non-tumour findings;
 - :mod:`.cases`: one case (:func:`synthesize`, :func:`make_case`); :mod:`.dataset`: cohorts on disk
-  (:func:`generate_dataset`) with ``name_mapping.csv`` recording each case's grade and kind.
+  (:func:`generate_dataset`) with ``name_mapping.csv`` recording each case's grade and kind;
+  :mod:`.dicom_study`: the same cases as DICOM MR studies.
 
 Everything is deterministic given the seed, and case ``i`` of a dataset uses :func:`case_seed` ``(seed, i)``
 and :func:`kind_of_case` ``(seed, i)``, so any case can be regenerated alone. From the command line:
 ``python -m training synth OUT [--cases 10] [--layout brats2020|msd] [--seed 0] [--size 240,240,155]
-[--spacing 1,1,1] [--start-index 1]``.
+[--spacing 1,1,1] [--start-index 1] [--format nifti|dicom|both]``.
 """
 
 from training.data.synthetic.anatomy import case_seed, grid_affine
