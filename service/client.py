@@ -25,7 +25,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,8 @@ class SegmentResult:
 
 def _upload_name(part: str, path: Path) -> str:
     """A neutral file name for a part: the part name and the source's extension, nothing of its name."""
+    if part == "dicom":
+        return "dicom.zip" if path.name.lower().endswith(".zip") else "dicom.dcm"
     return f"{part}.nii.gz" if path.name.lower().endswith(".gz") else f"{part}.nii"
 
 
@@ -250,6 +252,7 @@ class SegmentationClient:
         paths: Mapping[str, str | os.PathLike] | None = None,
         *,
         image: str | os.PathLike | None = None,
+        dicom: Sequence[str | os.PathLike] | None = None,
         label: str | os.PathLike | None = None,
         model: str | None = None,
         tta: bool = False,
@@ -262,23 +265,27 @@ class SegmentationClient:
             paths: The four modalities ``{"flair": path, "t1": ..., "t1ce": ..., "t2": ...}`` (3D volumes),
                 or ``None`` when ``image`` is given.
             image: A 4D volume ``(X, Y, Z, 4)`` in the channel order flair, t1, t1ce, t2.
+            dicom: A DICOM study instead: DICOM files and/or zips of them (the service picks the four series).
             label: An optional ground truth (BraTS labels): the summary then holds Dice and HD95.
             model: A name from :meth:`models` or ``"ensemble"``; ``None`` uses the service's default.
             tta: Test-time augmentation by mirroring (8 flips averaged for 3D models, 4 for 2D; that many times slower).
             format: ``"nifti"`` (the mask comes as the body, the summary in a header) or ``"json"`` (the
-                mask comes base64-encoded inside the JSON); the result is the same.
+                mask comes base64-encoded inside the JSON); the result is the same. With ``dicom``,
+                ``"dicom-seg"`` too: the mask as a DICOM Segmentation of the T1ce series.
             postprocess: Apply the postprocessing rules of the model's card (``False``: the raw mask).
 
         Raises:
-            ValueError: neither or both of ``paths`` and ``image``, unknown part names, a bad ``format``.
+            ValueError: not exactly one of ``paths``, ``image`` and ``dicom``, unknown part names, a bad ``format``.
             FileNotFoundError: a file is missing.
             ServiceError: the service refused the request or failed.
         """
-        if format not in ("nifti", "json"):
-            raise ValueError(f"format must be 'nifti' or 'json', got {format!r}")
-        if (paths is None) == (image is None):
-            raise ValueError("give either the four modality paths or one 4D image, not both or neither")
-        if paths is not None:
+        if format not in ("nifti", "json", "dicom-seg") or (format == "dicom-seg" and not dicom):
+            raise ValueError(f"format must be 'nifti' or 'json' (or 'dicom-seg' with dicom), got {format!r}")
+        if sum(x is not None for x in (paths, image, dicom)) != 1 or dicom is not None and not dicom:
+            raise ValueError("give either the four modality paths or one 4D image (or the DICOM files): exactly one")
+        if dicom is not None:
+            parts = [("dicom", Path(path)) for path in dicom]
+        elif paths is not None:
             if set(paths) != set(MODALITIES):
                 raise ValueError(f"expected the parts {', '.join(MODALITIES)}; got {', '.join(sorted(paths))}")
             parts = [(name, Path(paths[name])) for name in MODALITIES]
