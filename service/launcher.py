@@ -63,6 +63,15 @@ def service_command(port: int, args: Sequence[str] = ()) -> list[str]:
 
 
 @dataclass
+def read_log(path: Path, lines: int | None = None) -> str:
+    """The text of a process's log file (its last ``lines`` lines when given), or ``"(no log)"``."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return text if lines is None else "\n".join(text.splitlines()[-lines:])
+
+
 class ServiceProcess:
     """A running ``python -m service``: its base ``url``, process, log file and environment."""
 
@@ -84,13 +93,10 @@ class ServiceProcess:
 
     def logs(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.logs().splitlines()[-lines:])
+        return read_log(self.log_path, lines)
 
     def client(self, **kwargs) -> httpx.Client:
         kwargs.setdefault("timeout", 30.0)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from service.launcher import HOST, free_port
+from service.launcher import HOST, free_port, read_log
 
 BINARY_CANDIDATES = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")
 PLUGIN_PATTERNS = (
@@ -136,13 +136,10 @@ class OrthancServer:
         }
 
     def logs(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
+        return read_log(self.log_path)
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.logs().splitlines()[-lines:])
+        return read_log(self.log_path, lines)
 
     def start(self, attempts: int = 3) -> OrthancServer:
         """Start Orthanc and wait for ``GET /system``; a port taken in the meantime is retried with another."""
