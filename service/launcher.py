@@ -62,7 +62,6 @@ def service_command(port: int, args: Sequence[str] = ()) -> list[str]:
     return [sys.executable, "-m", "service", "--host", HOST, "--port", str(port), *args]
 
 
-@dataclass
 def read_log(path: Path, lines: int | None = None) -> str:
     """The text of a process's log file (its last ``lines`` lines when given), or ``"(no log)"``."""
     try:
@@ -72,6 +71,7 @@ def read_log(path: Path, lines: int | None = None) -> str:
     return text if lines is None else "\n".join(text.splitlines()[-lines:])
 
 
+@dataclass
 class ServiceProcess:
     """A running ``python -m service``: its base ``url``, process, log file and environment."""
 
