@@ -1,8 +1,9 @@
 """``python -m service.predict INPUT OUTPUT``: segment every case of a folder, the model loaded once.
 
-``INPUT`` is any layout :func:`service.core.datasets.find_cases` knows (BraTS 2020/2021/2023, MSD Task01) or a
-folder of 4D files ``(X, Y, Z, 4)``. For each case it writes ``OUTPUT/CASE.nii.gz`` (atomically: a mask is
-whole or absent) and a row of ``results.csv`` (``results-partI-of-N.csv`` with ``--num-parts``): the status,
+``INPUT`` is any layout :func:`service.core.datasets.find_cases` knows (BraTS 2020/2021/2023, MSD Task01), a
+folder of 4D files ``(X, Y, Z, 4)``, or a folder of DICOM studies (:mod:`service.predict_dicom`; with
+``--dicom-seg`` each gives ``CASE_seg.dcm``). For each case it writes ``OUTPUT/CASE.nii.gz`` (atomically: a mask
+is whole or absent) and a row of ``results.csv`` (``results-partI-of-N.csv`` with ``--num-parts``): the status,
 the volume per region and, where the case has a label, Dice and HD95. A case whose mask exists is not
 segmented again (rerun to resume; its row is measured from the mask). One case that fails is reported in its row
 and the run goes on; the exit status is 0 when every case of the part succeeded, 1 otherwise, 2 for bad
@@ -34,6 +35,7 @@ from service.core.nifti import NiftiError, load_label
 from service.core.nifti_write import save_mask
 from service.core.scan import ScanError
 from service.core.scoring import region_metrics, volumes_ml
+from service.predict_dicom import DicomStudy, find_studies, output_name, segment_study
 from service.settings import DEFAULT_MODELS_DIR
 
 VOLUME_KEYS = ("WT", "TC", "ET", "NCR", "ED")
@@ -57,18 +59,23 @@ class Outcome:
 
 
 # ------------------------------------------------------------------------------------------- cases
-def list_cases(root: Path) -> list[Case]:
-    """The cases of ``root``: a known layout, else every ``.nii``/``.nii.gz`` directly in it as a 4D case."""
+def list_cases(root: Path) -> list[Case | DicomStudy]:
+    """The cases of ``root``: a known layout, else every ``.nii``/``.nii.gz`` directly in it as a 4D case, else
+    its DICOM studies (:func:`service.predict_dicom.find_studies`)."""
     try:
         return find_cases(root)
     except DataError as err:
         files = sorted(p for p in root.iterdir() if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz")))
-        if not files:
-            raise UsageError(f"{err}; or give a folder of 4D files (X, Y, Z, 4)") from None
-        return [Case(case_id=p.name.removesuffix(".gz").removesuffix(".nii"), image4d=p) for p in files]
+        if files:
+            return [Case(case_id=p.name.removesuffix(".gz").removesuffix(".nii"), image4d=p) for p in files]
+        studies = find_studies(root)
+        if not studies:
+            raise UsageError(f"{err}; or give a folder of 4D files (X, Y, Z, 4), or of DICOM studies (subfolders "
+                             "or zips)") from None
+        return studies
 
 
-def shard(cases: Sequence[Case], num_parts: int, part_id: int) -> list[Case]:
+def shard(cases: Sequence[Case | DicomStudy], num_parts: int, part_id: int) -> list[Case | DicomStudy]:
     """Every ``num_parts``-th case from the ``part_id``-th, by case id: the parts cover each case exactly once."""
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise UsageError(f"--part-id must be in 0..{num_parts - 1} and --num-parts at least 1")
@@ -210,13 +217,19 @@ def run(args: argparse.Namespace, segmenter_factory: Callable[[argparse.Namespac
     args.output.mkdir(parents=True, exist_ok=True)
     name = "results.csv" if args.num_parts == 1 else f"results-part{args.part_id}-of-{args.num_parts}.csv"
     results = args.output / name
-    todo = [c for c in cases if not (args.output / f"{c.case_id}.nii.gz").exists()]
+    def target(case) -> Path:
+        return args.output / (output_name(case.case_id, args.dicom_seg) if isinstance(case, DicomStudy)
+                              else f"{case.case_id}.nii.gz")
+
+    todo = [c for c in cases if not target(c).exists()]
     rows = []
     for case in cases:
         if case not in todo:
+            if target(case).suffix == ".dcm":  # a DICOM Segmentation: its volumes are in the earlier row
+                rows.append(_row(case, "skipped (done before)"))
+                continue
             try:
-                rows.append(_row(case, "skipped (done before)", _done(case, args.output / f"{case.case_id}.nii.gz",
-                                                                      args.label_convention)))
+                rows.append(_row(case, "skipped (done before)", _done(case, target(case), args.label_convention)))
             except (DataError, ScanError, NiftiError) as err:
                 rows.append(_row(case, "failed", error=f"the existing mask cannot be read: {err}"))
     segmenter = segmenter_factory(args) if todo else None
@@ -226,6 +239,13 @@ def run(args: argparse.Namespace, segmenter_factory: Callable[[argparse.Namespac
     def one(index_case: tuple[int, Case]) -> dict:
         index, case = index_case
         try:
+            if isinstance(case, DicomStudy):
+                remote = getattr(segmenter, "clients", None)
+                outcome = segment_study(case, target(case), dicom_seg=args.dicom_seg, model=args.model,
+                                        engine=getattr(segmenter, "engine", None), tta=args.tta,
+                                        client=remote[index % len(remote)] if remote else None,
+                                        postprocess=not args.no_postprocess)
+                return _row(case, "ok", outcome)
             outcome = segmenter(case, index % segmenter.workers)
             labels = to_label_convention(outcome.labels, args.label_convention)
             save_mask(labels, outcome.geometry, args.output / f"{case.case_id}.nii.gz")
@@ -270,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocess", action="store_true", help="the raw masks, without the card's rules")
     p.add_argument("--label-convention", choices=("brats2020", "brats2023"), default="brats2020",
                    help="values of the written masks: brats2020 (ET = 4, default) or brats2023 (ET = 3)")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help="DICOM studies only: write CASE_seg.dcm, a DICOM Segmentation, instead of CASE.nii.gz")
     p.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (default 1)")
     p.add_argument("--part-id", type=int, default=0, help="the part to run, 0..num-parts-1 (default 0)")
     p.add_argument("--url", default=None, help="URL[,URL...] of running services to send the cases to")
@@ -289,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.models_dir is None:  # BRATS_MODELS_DIR as for the service, else models/ of the project
             args.models_dir = Path(os.environ.get("BRATS_MODELS_DIR") or DEFAULT_MODELS_DIR)
         factory = RemoteSegmenter if args.url else LocalSegmenter
+        if args.dicom_seg and not all(isinstance(c, DicomStudy) for c in list_cases(args.input)):
+            raise UsageError("--dicom-seg needs DICOM studies as input (a DICOM Segmentation refers to its images)")
         return run(args, factory)
     except (UsageError, DataError) as err:
         print(f"python -m service.predict: {err}", file=sys.stderr)

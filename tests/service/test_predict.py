@@ -153,3 +153,45 @@ def test_models_dir_from_the_environment_as_for_the_service(tmp_path, models_dir
     env = {**os.environ, "BRATS_MODELS_DIR": str(models_dir)}
     predict(data, tmp_path / "out", "--model", "unet", "--threads", "1", "--quiet", check=0, env=env)
     assert (tmp_path / "out" / "BraTS20_Training_001.nii.gz").is_file()
+
+
+def dicom_studies(root: Path) -> Path:
+    """Two synthetic DICOM studies: one as a folder (with a note that is not DICOM), one as a zip."""
+    import zipfile
+
+    from tests.service.support import affine_for
+    from training.data.synthetic.dicom_study import write_dicom_study
+
+    image = tumour_scan()
+    volumes = {m: (image[i].astype(np.int16), affine_for()) for i, m in enumerate(MODALITIES)}
+    root.mkdir(parents=True)
+    write_dicom_study(volumes, root, case_id="STUDY_A")
+    (root / "STUDY_A" / "README.txt").write_text("not DICOM")
+    write_dicom_study(volumes, root / "tmp", case_id="STUDY_B")
+    with zipfile.ZipFile(root / "STUDY_B.zip", "w") as archive:
+        for path in (root / "tmp" / "STUDY_B").rglob("*.dcm"):
+            archive.write(path, path.relative_to(root / "tmp"))
+    import shutil
+
+    shutil.rmtree(root / "tmp")
+    return root
+
+
+def test_dicom_studies_to_dicom_seg_and_to_nifti(tmp_path, local, server_factory, models_dir):
+    import pydicom
+
+    data = dicom_studies(tmp_path / "in")
+    out = tmp_path / "out"
+    predict(data, out, *local, "--dicom-seg", check=0)
+    assert sorted(p.name for p in out.iterdir()) == ["STUDY_A_seg.dcm", "STUDY_B_seg.dcm", "results.csv"]
+    assert pydicom.dcmread(out / "STUDY_A_seg.dcm").Modality == "SEG"
+    table = rows(out / "results.csv")
+    assert table["STUDY_A"]["status"] == "ok" and float(table["STUDY_B"]["WT_ml"]) > 0
+    assert "2 already done" in predict(data, out, *local, "--dicom-seg", check=0).stdout
+    server = server_factory(models_dir)
+    predict(data, tmp_path / "nifti", "--url", server.url, "--model", "unet", "--quiet", check=0)
+    mask = np.asarray(nib.load(tmp_path / "nifti" / "STUDY_B.nii.gz").dataobj)
+    np.testing.assert_array_equal(mask, expected_labels())
+    nifti_input = brats_tree(tmp_path / "nifti-in", 1)
+    assert "--dicom-seg needs DICOM studies" in predict(nifti_input, tmp_path / "x", *local, "--dicom-seg",
+                                                        check=2).stderr
