@@ -201,10 +201,14 @@ def _preprocess(args, command: str) -> int:
     from training.data.provenance import carry_marker
     from service.core.datasets import find_cases
 
+    from training.data.manifest import write_cache_kinds
+
     cases = find_cases(args.data)
     carry_marker(args.data, args.cache)
     written = preprocess_dataset(cases, args.cache, progress=True, workers=args.workers)
-    print(f"cached {len(written)} cases in {args.cache}")
+    kinds = write_cache_kinds(args.data, args.cache)
+    print(f"cached {len(written)} cases in {args.cache}" + (f" ({len(set(kinds.values()))} case kinds, for a "
+          "stratified validation split)" if kinds else ""))
     return 0
 
 

@@ -41,6 +41,7 @@ from service.core.datasets import Case, DataError, load_case
 from service.core.files import atomic_write
 from service.core.labels import TUMOUR_LABELS
 from service.core.preprocess import preprocess
+from training.data.manifest import CACHE_KINDS
 from training.data.provenance import MARKER
 
 logger = logging.getLogger(__name__)
@@ -228,9 +229,11 @@ def preprocess_dataset(
     repeated = sorted({i for i in ids if ids.count(i) > 1})
     if repeated:
         raise DataError(f"case ids must be unique; repeated: {repeated[:10]}")
-    reserved = sorted(i for i in ids if f"{i}.json" in (INDEX, MARKER))
+    reserved = sorted(i for i in ids if f"{i}.json" in (INDEX, MARKER, CACHE_KINDS))
     if reserved:
-        raise DataError(f"case ids {reserved} clash with the cache's own files {INDEX} and {MARKER}; rename them")
+        raise DataError(
+            f"case ids {reserved} clash with the cache's own files {INDEX}, {MARKER} and {CACHE_KINDS}; rename them"
+        )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / INDEX).unlink(missing_ok=True)  # until this run completes, the cache holds no usable dataset
