@@ -137,8 +137,9 @@ def test_url_mode_against_real_services_with_a_busy_one(tmp_path, server_factory
     busy = server_factory(models_dir, settings={"max_concurrent": 1, "max_queue": 0, "threads": 1})
     data = brats_tree(tmp_path / "in", 6)
     out = tmp_path / "out"
-    # two workers on one service that takes one request at a time: some requests are answered 503 and retried
-    result = predict(data, out, "--url", f"{busy.url},{busy.url}", "--model", "unet", "--quiet", check=0)
+    # two workers on one service that takes one request at a time (TTA makes each take longer, so that they
+    # overlap): some requests are answered 503 and retried
+    result = predict(data, out, "--url", f"{busy.url},{busy.url}", "--model", "unet", "--tta", "--quiet", check=0)
     table = rows(out / "results.csv")
     assert all(row["status"] == "ok" and float(row["dice_WT"]) == 1.0 for row in table.values()), table
     with busy.client() as client:
