@@ -93,7 +93,8 @@ def parse_sections(values: Sequence[str] | None) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark suite: peak, engine vs PyTorch/MONAI, FLOPs, end to end, memory, load, scaling.",
+        description="Benchmark suite: peak, engine vs PyTorch/MONAI, FLOPs, end to end, memory, load, scaling, "
+        "network width.",
     )
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "runs" / "bench",
                         help="folder for bench.json and bench.md (default runs/bench)")
