@@ -32,6 +32,7 @@ from service.inference.engine import Engine
 from training.data.augment import Augmenter
 from training.data.cache import load_cached
 from training.data.manifest import read_cache_kinds
+from training.data.split import split_cases
 from training.data.sampler import PatchSampler
 from training.losses import dice_bce_loss
 from training.networks import build_network
@@ -163,38 +164,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def split_cases(case_ids: list[str], val_fraction: float, seed: int,
-                kinds: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
-    """Deterministic train/validation split of case ids (at least one validation case when possible).
-
-    With ``kinds`` (case id -> kind or grade) the split is stratified: each kind gives its share of validation
-    cases (largest remainders first), so that a validation set, and the postprocessing learned on it, sees
-    every kind of case in the proportions of the cohort.
-    """
-    ids = sorted(case_ids)
-    if val_fraction <= 0 or len(ids) < 2:
-        return ids, []
-    rng = np.random.default_rng(seed)
-    n_val = min(len(ids) - 1, max(1, round(len(ids) * val_fraction)))
-    groups: dict[str, list[str]] = {}
-    for cid in ids:
-        groups.setdefault((kinds or {}).get(cid, ""), []).append(cid)
-    if len(groups) < 2:
-        order = rng.permutation(len(ids))
-        val = sorted(ids[i] for i in order[:n_val])
-        return [i for i in ids if i not in set(val)], val
-    quotas = {kind: len(members) * n_val / len(ids) for kind, members in groups.items()}
-    counts = {kind: int(q) for kind, q in quotas.items()}
-    for kind in sorted(quotas, key=lambda k: (counts[k] - quotas[k], k))[: n_val - sum(counts.values())]:
-        counts[kind] += 1  # the largest remainders get the validation cases left over
-    val = []
-    for kind in sorted(groups):
-        members = groups[kind]
-        val += [members[i] for i in rng.permutation(len(members))[: counts[kind]]]
-    val = sorted(val)
-    return [i for i in ids if i not in set(val)], val
 
 
 class _PatchStream(torch.utils.data.IterableDataset):

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from training.data.manifest import CACHE_KINDS, read_cache_kinds, write_cache_kinds
-from training.train import split_cases
+from training.data.split import split_cases
 
 SHARES = {"hgg_necrotic": 6, "solid_enhancing": 2, "lgg": 4, "multifocal": 2, "small": 2, "large": 2,
           "tumour_free": 2}
