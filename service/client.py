@@ -25,6 +25,7 @@ import json
 import os
 import secrets
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ import httpx
 from service.core.files import atomic_write
 from service.core.labels import MODALITIES
 
-__all__ = ["SegmentationClient", "SegmentResult", "ServiceError"]
+__all__ = ["SegmentationClient", "SegmentResult", "ServiceError", "segment_when_free"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 600.0
@@ -334,6 +335,25 @@ class SegmentationClient:
                 response.status_code, f"the service's answer is malformed ({err})", request_id=request_id
             ) from err
         return SegmentResult(mask=mask, summary=summary, request_id=request_id)
+
+
+def segment_when_free(client: SegmentationClient, *, patience_s: float = 3600.0, **kwargs: Any) -> SegmentResult:
+    """:meth:`SegmentationClient.segment` asked again, after the service's ``Retry-After`` (1 s without one), for
+    as long as it answers 503 (busy or not ready yet), up to ``patience_s`` seconds of waiting in all.
+
+    Raises:
+        ServiceError: any other error, or a 503 once ``patience_s`` is spent.
+    """
+    waited = 0.0
+    while True:
+        try:
+            return client.segment(**kwargs)
+        except ServiceError as err:
+            if err.status != 503 or waited >= patience_s:
+                raise
+            pause = float(err.retry_after) if err.retry_after and err.retry_after.isdigit() else 1.0
+            time.sleep(pause)
+            waited += pause
 
 
 # ------------------------------------------------------------------------------------------------- input

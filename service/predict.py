@@ -28,8 +28,9 @@ from typing import NoReturn
 
 import numpy as np
 
-from service.core.datasets import Case, DataError, find_cases, read_scan
+from service.core.datasets import Case, DataError, find_cases, read_label, read_scan
 from service.core.files import atomic_write
+from service.core.geometry import Geometry
 from service.core.labels import REGION_NAMES, brats2023_to_brats, to_label_convention
 from service.core.nifti import NiftiError, load_label
 from service.core.nifti_write import save_mask
@@ -82,16 +83,9 @@ def shard(cases: Sequence[Case | DicomStudy], num_parts: int, part_id: int) -> l
     return sorted(cases, key=lambda c: c.case_id)[part_id::num_parts]
 
 
-def _truth(case: Case) -> tuple[np.ndarray, tuple] | None:
-    """The case's label in BraTS 2020 values and its voxel sizes, or ``None`` without one."""
-    if case.label is None:
-        return None
-    scan = read_scan(case)
-    return scan.label, scan.geometry.zooms
-
-
 def _measure(labels: np.ndarray, zooms, case: Case, seconds: float, geometry) -> Outcome:
-    truth = _truth(case)
+    """The volumes of ``labels`` and, where the case has a label (read alone, not the images), their scores."""
+    truth = read_label(case)
     metrics = None if truth is None else region_metrics(labels, truth[0], zooms)
     return Outcome(labels, geometry, volumes_ml(labels, zooms), metrics, seconds)
 
@@ -145,22 +139,13 @@ class RemoteSegmenter:
         self.workers = len(self.urls)
 
     def __call__(self, case: Case, worker: int) -> Outcome:
-        from service.client import ServiceError
+        from service.client import segment_when_free
 
         client = self.clients[worker % len(self.clients)]
         parts = {"paths": dict(case.images)} if case.images is not None else {"image": case.image4d}
         start = time.perf_counter()
-        waited = 0.0
-        while True:
-            try:
-                result = client.segment(**parts, model=self.model, tta=self.tta, postprocess=self.postprocess)
-                break
-            except ServiceError as err:
-                if err.status != 503 or waited > RETRY_LIMIT_S:
-                    raise
-                pause = float(err.retry_after) if err.retry_after and err.retry_after.isdigit() else 1.0
-                time.sleep(pause)
-                waited += pause
+        result = segment_when_free(client, patience_s=RETRY_LIMIT_S, **parts, model=self.model, tta=self.tta,
+                                   postprocess=self.postprocess)
         mask, geometry = _decode(result.mask)
         return _measure(mask, geometry.zooms, case, time.perf_counter() - start, geometry)
 
@@ -169,14 +154,14 @@ class RemoteSegmenter:
             client.close()
 
 
-def _decode(data: bytes):
+def _decode(data: bytes) -> tuple[np.ndarray, Geometry]:
+    """The labels and geometry of a mask a service answered (``.nii.gz`` bytes), decoded in memory."""
     import gzip
-    import tempfile
 
-    with tempfile.NamedTemporaryFile(suffix=".nii") as tmp:
-        tmp.write(gzip.decompress(data))
-        tmp.flush()
-        return load_label(tmp.name)
+    import nibabel as nib
+
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+    return np.asarray(image.dataobj, dtype=np.uint8), Geometry.from_header(image.header)
 
 
 # ------------------------------------------------------------------------------------------- the run

@@ -64,20 +64,10 @@ def segment_study(study: DicomStudy, out: Path, *, dicom_seg: bool, engine=None,
     start = time.perf_counter()
     encode = "dicom-seg" if dicom_seg else "nifti"
     if client is not None:
-        from service.client import ServiceError
+        from service.client import segment_when_free
 
-        waited = 0.0
-        while True:
-            try:
-                result = client.segment(dicom=list(study.files), model=model, tta=tta, postprocess=postprocess,
-                                        format=encode)
-                break
-            except ServiceError as err:  # a busy service: ask again after its Retry-After
-                if err.status != 503 or waited > 3600:
-                    raise
-                pause = float(err.retry_after) if err.retry_after and err.retry_after.isdigit() else 1.0
-                time.sleep(pause)
-                waited += pause
+        result = segment_when_free(client, dicom=list(study.files), model=model, tta=tta, postprocess=postprocess,
+                                   format=encode)
         mask, volumes = result.mask, result.summary["volumes_ml"]
     else:
         from service.core.series_rules import load_rules

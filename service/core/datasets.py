@@ -36,7 +36,7 @@ import numpy as np
 from service.core.case_folder import CaseFolderError, find_case_files, nifti_in
 from service.core.geometry import Geometry
 from service.core.labels import MODALITIES
-from service.core.scan import IMAGE_PART, LABEL_PART, LabelFormat, Scan, ScanError, load_scan
+from service.core.scan import IMAGE_PART, LABEL_PART, LabelFormat, Scan, ScanError, load_scan, load_scan_label
 
 __all__ = [
     "BRATS2023_MODALITY_SUFFIXES",
@@ -376,13 +376,30 @@ def read_scan(case: Case) -> Scan:
     """
     parts = _parts(case)
     try:
-        scan = load_scan(parts, label_format=case.label_format)
-    except ScanError as err:
-        what = "MSD label file: " if err.part == LABEL_PART and case.label_format == "msd" else ""
-        raise DataError(f"{case.case_id}: {what}{err.reason} ({parts[err.part]})") from err
-    except OSError as err:
-        raise DataError(f"{case.case_id}: cannot read the file: {err}") from err
-    return scan
+        return load_scan(parts, label_format=case.label_format)
+    except (ScanError, OSError) as err:
+        raise _data_error(case, err, parts) from err
+
+
+def read_label(case: Case) -> tuple[np.ndarray, Geometry] | None:
+    """The case's label alone, in BraTS 2020 values, and its geometry; ``None`` without one.
+
+    Raises:
+        DataError: as :func:`read_scan` for the label file.
+    """
+    if case.label is None:
+        return None
+    try:
+        return load_scan_label(case.label, label_format=case.label_format)
+    except (ScanError, OSError) as err:
+        raise _data_error(case, err, {LABEL_PART: case.label}) from err
+
+
+def _data_error(case: Case, err: Exception, parts: dict[str, Path]) -> DataError:
+    if isinstance(err, OSError):
+        return DataError(f"{case.case_id}: cannot read the file: {err}")
+    what = "MSD label file: " if err.part == LABEL_PART and case.label_format == "msd" else ""
+    return DataError(f"{case.case_id}: {what}{err.reason} ({parts[err.part]})")
 
 
 def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Geometry]:

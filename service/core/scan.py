@@ -34,7 +34,8 @@ from service.core.labels import (
 from service.core.nifti import NiftiError, VolumeTooLargeError, load_label, load_volume, read_header
 from service.core.workers import thread_pool
 
-__all__ = ["IMAGE_PART", "LABEL_PART", "KNOWN_PARTS", "Scan", "ScanError", "image_parts", "load_scan"]
+__all__ = ["IMAGE_PART", "LABEL_PART", "KNOWN_PARTS", "Scan", "ScanError", "image_parts", "load_scan",
+           "load_scan_label"]
 
 IMAGE_PART = "image"
 """The part holding the whole image as one 4D volume ``(X, Y, Z, 4)``."""
@@ -120,6 +121,16 @@ def _read(part: str, path: Path, *, ndim: int, max_voxels: int | None, out: np.n
         if label_format == "brats2023" and isinstance(cause, LabelError) and RESECTION_CAVITY_LABEL in cause.values:
             raise ScanError(part, f"the ground truth {POST_TREATMENT_REASON}") from None
         raise ScanError(part, err.reason) from None
+
+
+def load_scan_label(path: str | Path, *, label_format: LabelFormat = "brats",
+                    max_voxels: int | None = None) -> tuple[np.ndarray, Geometry]:
+    """A ground truth alone, as :func:`load_scan` reads its ``label`` part (mapped to BraTS 2020 values).
+
+    Raises:
+        ScanError: as for the ``label`` part of :func:`load_scan`.
+    """
+    return _read(LABEL_PART, Path(path), ndim=3, max_voxels=max_voxels, label_format=label_format)
 
 
 def _header_geometry(part: str, path: Path) -> Geometry | None:

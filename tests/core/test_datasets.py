@@ -18,6 +18,7 @@ from service.core.datasets import (
     find_cases,
     find_msd_cases,
     load_case,
+    read_label,
 )
 from service.core.labels import MODALITIES, to_label_convention
 
@@ -431,6 +432,14 @@ class TestFindBrats2023:
         case = next(c for c in find_cases(brats2023_root) if c.case_id == "BraTS-GLI-00001-000")
         image, label, _ = load_case(case)
         assert image.shape == (4, *SHAPE) and label is None
+
+    def test_label_read_alone_as_with_the_images(self, brats2023_root: Path):
+        cases = {c.case_id: c for c in find_cases(brats2023_root)}
+        label, geometry = read_label(cases["BraTS-GLI-00000-000"])
+        _, with_images, scan_geometry = load_case(cases["BraTS-GLI-00000-000"])
+        np.testing.assert_array_equal(label, with_images)
+        assert geometry == scan_geometry
+        assert read_label(cases["BraTS-GLI-00001-000"]) is None
 
     def test_post_treatment_label_4_is_refused(self, tmp_path: Path):
         seg = make_label_2023()
